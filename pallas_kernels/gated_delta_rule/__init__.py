@@ -1,3 +1,7 @@
+"""Gated delta rule: pure-jnp references and Pallas kernels (chunked prefill, fused decode)."""
+
+from pallas_kernels.gated_delta_rule.chunk import ChunkBlocks, chunk_gated_delta_rule
+from pallas_kernels.gated_delta_rule.decode import DecodeBlocks, fused_recurrent_gated_delta_rule
 from pallas_kernels.gated_delta_rule.reference import (
     chunk_gated_delta_rule_ref,
     l2norm,
@@ -5,4 +9,13 @@ from pallas_kernels.gated_delta_rule.reference import (
     validate_inputs,
 )
 
-__all__ = ["chunk_gated_delta_rule_ref", "l2norm", "recurrent_gated_delta_rule", "validate_inputs"]
+__all__ = [
+    "ChunkBlocks",
+    "DecodeBlocks",
+    "chunk_gated_delta_rule",
+    "chunk_gated_delta_rule_ref",
+    "fused_recurrent_gated_delta_rule",
+    "l2norm",
+    "recurrent_gated_delta_rule",
+    "validate_inputs",
+]

@@ -1,0 +1,313 @@
+"""Chunked gated delta rule prefill as Pallas (Triton backend) kernels.
+
+Two kernels, as the chunked form in reference.py splits the work:
+  1. `_prep_kernel`, parallel over (batch, value head, chunk): the intra-chunk WY terms
+       M = I + strict_tril(beta_i k_i.k_j exp(gamma_i - gamma_j))   [C, C]
+       u = M^-1 (beta v)        [C, V]      w = M^-1 (beta exp(gamma) k)   [C, K]
+     M^-1 by repeated squaring: M = I + L with L strictly lower (nilpotent), so
+       M^-1 = (I - L)(I + L^2)(I + L^4)...(I + L^(C/2))   -- matmuls only, no row loop.
+  2. `_state_kernel`, parallel over (batch x segment, value head, V block), sequential over the
+     chunks of its segment: v_new = u - w S;  o = (q e^gamma) S + tril(q k^T D) v_new;
+     S = e^gamma_C S + (k e^(gamma_C - gamma))^T v_new.
+
+Long single sequences under-fill the GPU (B * HV * V/BV programs), so the sequence can be split
+into `num_segments` segments. A segment maps its initial state affinely, S -> P S + Bs, with
+P [K, K]. P is found by the same state kernel: append K extra "value" columns with u = 0 and
+initial state I (they evolve as P). Pass 1 runs every segment from [0 | I] in parallel; a short
+scan over segments gives each segment's true initial state; pass 2 produces o.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.gated_delta_rule.reference import validate_inputs
+
+HIGHEST = jax.lax.Precision.HIGHEST
+_L2_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkBlocks:
+    """Block sizes. chunk: tokens per chunk (power of 2, >= 16); block_v: V columns per program;
+    num_segments: sequence segments run in parallel (None: pick from the program count)."""
+
+    chunk: int = 64
+    block_v: int = 64
+    num_segments: int | None = None
+    num_warps: int = 4
+    num_stages: int = 2
+    min_programs: int = 256  # auto segments: split until B * HV * V/block_v * segments >= this
+
+
+def _compiler_params(blocks: ChunkBlocks):
+    try:
+        from jax.experimental.pallas import triton as plt
+
+        return plt.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    except (ImportError, AttributeError):  # pragma: no cover - older / newer jax
+        return None
+
+
+def _l2n(x):  # [C, K] fp32, rows normalised as reference.l2norm
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) + _L2_EPS)
+
+
+def _tri(c: int, strict: bool):
+    i = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
+    j = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    return i > j if strict else i >= j
+
+
+def _decay_matrix(gam, mask):
+    """D_ij = exp(gamma_i - gamma_j) where mask (lower triangle), else 0; masked before exp."""
+    diff = jnp.where(mask, gam[:, None] - gam[None, :], 0.0)
+    return jnp.where(mask, jnp.exp(diff), 0.0)
+
+
+def _dot(a, b):  # fp32 accumulate; fp32 operands run as TF32 on the GPU
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+def _dot_tn(a, b):  # a^T b
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _prep_kernel(k_ref, v_ref, gam_ref, beta_ref, w_ref, u_ref, *, l2norm: bool):
+    # k_ref [C, K]  v_ref [C, V]  gam_ref, beta_ref [C] fp32  ->  w_ref [C, K], u_ref [C, V]
+    c = k_ref.shape[0]
+    k = k_ref[...].astype(jnp.float32)
+    if l2norm:
+        k = _l2n(k)
+    kc = k.astype(v_ref.dtype)  # operand dtype of the tensor-core products
+    gam = gam_ref[...]
+    beta = beta_ref[...]
+    strict = _tri(c, strict=True)
+    eye = jnp.where(_tri(c, False) & ~strict, 1.0, 0.0)
+    kk = jax.lax.dot_general(kc, kc, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    lower = jnp.where(strict, beta[:, None] * kk * _decay_matrix(gam, strict), 0.0)  # L [C, C]
+    minv = eye - lower
+    power = lower
+    n = 2
+    while n < c:  # M^-1 = (I - L) prod (I + L^(2^j)); L^C = 0
+        power = _dot(power, power)
+        minv = minv + _dot(minv, power)
+        n *= 2
+    vb = v_ref[...].astype(jnp.float32) * beta[:, None]
+    kb = k * (beta * jnp.exp(gam))[:, None]
+    u_ref[...] = _dot(minv, vb).astype(u_ref.dtype)
+    w_ref[...] = _dot(minv, kb).astype(w_ref.dtype)
+
+
+def _state_kernel(
+    q_ref, k_ref, w_ref, u_ref, gam_ref, h0_ref, *out_refs,
+    scale: float, l2norm: bool, chunk: int, n_v_blocks: int, write_o: bool,
+):
+    # q_ref, k_ref [Ts, K]  w_ref [Ts, K]  u_ref [Ts, BV]  gam_ref [Ts] fp32  h0_ref [K, BV] fp32
+    # out: o_ref [Ts, BV] (when write_o), ht_ref [K, BV] fp32
+    ht_ref = out_refs[-1]
+    o_ref = out_refs[0] if write_o else None
+    cdt = u_ref.dtype
+    n_chunks = q_ref.shape[0] // chunk
+    # Programs past the real V blocks carry the transition columns: their u is zero.
+    u_on = (pl.program_id(2) < n_v_blocks).astype(jnp.float32)
+    causal = _tri(chunk, strict=False)
+    last = jnp.where(jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1, 1.0, 0.0)
+
+    def body(n, s):  # s [K, BV] fp32: state before chunk n
+        rows = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
+        gam = gam_ref[rows]  # [C]
+        g_last = jnp.sum(gam * last)
+        k = k_ref[rows, :].astype(jnp.float32)
+        if l2norm:
+            k = _l2n(k)
+        s_c = s.astype(cdt)
+        v_new = u_ref[rows, :].astype(jnp.float32) * u_on - _dot(w_ref[rows, :].astype(cdt), s_c)
+        v_c = v_new.astype(cdt)  # [C, BV]
+        if write_o:
+            q = q_ref[rows, :].astype(jnp.float32)
+            if l2norm:
+                q = _l2n(q)
+            q = q * scale
+            qk = jax.lax.dot_general(
+                q.astype(cdt), k.astype(cdt), (((1,), (1,)), ((), ())),
+                preferred_element_type=jnp.float32,
+            )
+            attn = qk * _decay_matrix(gam, causal)  # [C, C]
+            o = _dot((q * jnp.exp(gam)[:, None]).astype(cdt), s_c) + _dot(attn.astype(cdt), v_c)
+            o_ref[rows, :] = o.astype(o_ref.dtype)
+        k_dec = (k * jnp.exp(g_last - gam)[:, None]).astype(cdt)
+        return s * jnp.exp(g_last) + _dot_tn(k_dec, v_c)
+
+    ht_ref[...] = jax.lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(jnp.float32))
+
+
+def _prep(k, v, gam, beta, *, R, blocks, l2norm, interpret):
+    """-> w [B, HV, Tp, K], u [B, HV, Tp, V] in v's dtype."""
+    B, Tp, _, K = k.shape
+    HV, V = v.shape[2], v.shape[3]
+    C = blocks.chunk
+    kernel = functools.partial(_prep_kernel, l2norm=l2norm)
+    return pl.pallas_call(
+        kernel,
+        grid=(B, HV, Tp // C),
+        in_specs=[
+            pl.BlockSpec((None, C, None, K), lambda b, h, n: (b, n, h // R, 0)),
+            pl.BlockSpec((None, C, None, V), lambda b, h, n: (b, n, h, 0)),
+            pl.BlockSpec((None, None, C), lambda b, h, n: (b, h, n)),
+            pl.BlockSpec((None, None, C), lambda b, h, n: (b, h, n)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, C, K), lambda b, h, n: (b, h, n, 0)),
+            pl.BlockSpec((None, None, C, V), lambda b, h, n: (b, h, n, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((B, HV, Tp, K), v.dtype),
+            jax.ShapeDtypeStruct((B, HV, Tp, V), v.dtype),
+        ],
+        compiler_params=_compiler_params(blocks),
+        interpret=interpret,
+        name="gdn_chunk_prep",
+    )(k, v, gam, beta)
+
+
+def _state_pass(q, k, w, u, gam, h0, *, R, NS, scale, blocks, l2norm, write_o, o_dtype, interpret):
+    """Sequential pass over the chunks of each of NS segments.
+
+    h0 [B*NS, HV, K, Vh] fp32 (Vh = V, or V + K with the transition columns). Returns
+    (o [B, Tp, HV, V] or None, final [B*NS, HV, K, Vh] fp32)."""
+    B, Tp, _, K = q.shape
+    HV, V = u.shape[1], u.shape[3]
+    Vh = h0.shape[-1]
+    BV = blocks.block_v
+    Ts = Tp // NS
+    NV = V // BV
+    grid = (B * NS, HV, Vh // BV)
+
+    def seq(i, h, j):  # time block of segment i % NS of batch i // NS
+        return i // NS, i % NS, h
+
+    kernel = functools.partial(
+        _state_kernel, scale=scale, l2norm=l2norm, chunk=blocks.chunk, n_v_blocks=NV,
+        write_o=write_o,
+    )
+    in_specs = [
+        pl.BlockSpec((None, Ts, None, K), lambda i, h, j: (i // NS, i % NS, h // R, 0)),
+        pl.BlockSpec((None, Ts, None, K), lambda i, h, j: (i // NS, i % NS, h // R, 0)),
+        pl.BlockSpec((None, None, Ts, K), lambda i, h, j: (i // NS, h, i % NS, 0)),
+        pl.BlockSpec(
+            (None, None, Ts, BV), lambda i, h, j: (i // NS, h, i % NS, jnp.minimum(j, NV - 1))
+        ),
+        pl.BlockSpec((None, None, Ts), lambda i, h, j: (i // NS, h, i % NS)),
+        pl.BlockSpec((None, None, K, BV), lambda i, h, j: (i, h, 0, j)),
+    ]
+    out_specs = [pl.BlockSpec((None, None, K, BV), lambda i, h, j: (i, h, 0, j))]
+    out_shape = [jax.ShapeDtypeStruct((B * NS, HV, K, Vh), jnp.float32)]
+    if write_o:
+        out_specs.insert(
+            0, pl.BlockSpec((None, Ts, None, BV), lambda i, h, j: (i // NS, i % NS, h, j))
+        )
+        out_shape.insert(0, jax.ShapeDtypeStruct((B, Tp, HV, V), o_dtype))
+    outs = pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=_compiler_params(blocks),
+        interpret=interpret,
+        name="gdn_chunk_state" if write_o else "gdn_chunk_transition",
+    )(q, k, w, u, gam, h0)
+    return (outs[0], outs[1]) if write_o else (None, outs[0])
+
+
+def _num_segments(B, HV, V, N, blocks: ChunkBlocks) -> int:
+    if blocks.num_segments is not None:
+        return max(1, min(blocks.num_segments, N))
+    ns, programs = 1, B * HV * (V // blocks.block_v)
+    while programs * ns < blocks.min_programs and 2 * ns <= N // 4:  # >= 4 chunks a segment
+        ns *= 2
+    return ns
+
+
+def _check_blocks(K, V, blocks: ChunkBlocks):
+    C, BV = blocks.chunk, blocks.block_v
+    if C < 16 or C & (C - 1):
+        raise ValueError(f"chunk must be a power of 2 >= 16, got {C}")
+    if V % BV or K % BV or BV & (BV - 1):
+        raise ValueError(f"block_v={BV} must be a power of 2 dividing V={V} and K={K}")
+    if K & (K - 1) or V & (V - 1) or K < 16:
+        raise ValueError(f"K={K} and V={V} must be powers of 2 >= 16 for the Triton kernels")
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("scale", "output_final_state", "use_qk_l2norm", "interpret", "blocks"),
+)
+def chunk_gated_delta_rule(
+    q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=True,
+    use_qk_l2norm=False, interpret=False, blocks: ChunkBlocks = ChunkBlocks(),
+):
+    """Chunked gated delta rule (prefill), Pallas kernels.
+
+    Args:
+      q, k: [B, T, H, K]; v: [B, T, HV, V] (HV a multiple of H; value head j reads key head
+        j // (HV // H)); g: [B, T, HV] log-decay; beta: [B, T, HV].
+      scale: query scale, default K**-0.5. initial_state: [B, HV, K, V] or None (zeros).
+      use_qk_l2norm: l2-normalise q and k inside the kernels (eps 1e-6).
+    Returns:
+      o [B, T, HV, V] in v's dtype, and the final state [B, HV, K, V] fp32 (None unless
+      output_final_state).
+    """
+    H, R = validate_inputs(q, k, v, g, beta, initial_state)
+    B, T, _, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    if T < 1:
+        raise ValueError(f"T must be >= 1, got q {tuple(q.shape)}")
+    _check_blocks(K, V, blocks)
+    scale = K**-0.5 if scale is None else float(scale)
+    C = blocks.chunk
+    NS = _num_segments(B, HV, V, -(-T // C), blocks)
+    Tp = -(-T // (C * NS)) * C * NS
+    out_dtype = v.dtype
+    cdt = v.dtype if v.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
+
+    def pad_t(x):  # zero tokens are exact no-ops: g = 0 (no decay), beta = 0 (no write)
+        return jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2))
+
+    q, k, v = pad_t(q.astype(cdt)), pad_t(k.astype(cdt)), pad_t(v.astype(cdt))
+    # [B, HV, Tp] fp32: chunk-local cumulative log decay, and beta.
+    g = pad_t(g.astype(jnp.float32)).transpose(0, 2, 1)
+    gam = jnp.cumsum(g.reshape(B, HV, Tp // C, C), axis=-1).reshape(B, HV, Tp)
+    beta = pad_t(beta.astype(jnp.float32)).transpose(0, 2, 1)
+
+    w, u = _prep(k, v, gam, beta, R=R, blocks=blocks, l2norm=use_qk_l2norm, interpret=interpret)
+    if initial_state is None:
+        s0 = jnp.zeros((B, HV, K, V), jnp.float32)
+    else:
+        s0 = initial_state.astype(jnp.float32)
+    common = dict(R=R, NS=NS, scale=scale, blocks=blocks, l2norm=use_qk_l2norm,
+                  o_dtype=out_dtype, interpret=interpret)
+    if NS == 1:
+        o, final = _state_pass(q, k, w, u, gam, s0, write_o=True, **common)
+    else:
+        # Pass 1: every segment from [0 | I] -> [Bs | P] (S_end = P S_start + Bs).
+        eye = jnp.broadcast_to(jnp.eye(K, dtype=jnp.float32), (B * NS, HV, K, K))
+        aug0 = jnp.concatenate([jnp.zeros((B * NS, HV, K, V), jnp.float32), eye], axis=-1)
+        _, aug = _state_pass(q, k, w, u, gam, aug0, write_o=False, **common)
+        aug = aug.reshape(B, NS, HV, K, V + K)
+
+        def step(s, seg):  # s [B, HV, K, V]: state entering this segment
+            bs, p = seg[..., :V], seg[..., V:]
+            return jnp.einsum("bhij,bhjv->bhiv", p, s, precision=HIGHEST) + bs, s
+
+        final, starts = jax.lax.scan(step, s0, jnp.moveaxis(aug, 1, 0))
+        starts = jnp.moveaxis(starts, 0, 1).reshape(B * NS, HV, K, V)
+        o, _ = _state_pass(q, k, w, u, gam, starts, write_o=True, **common)
+    o = o[:, :T]
+    return o, (final if output_final_state else None)
