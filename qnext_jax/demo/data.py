@@ -12,7 +12,7 @@ Difficulty levels (what "harder problems" means in the evaluation):
   3  add/sub of 4-digit numbers, two-step word problems
 
 Splits are disjoint by operand tuple: a stable hash of (kind, operands) puts 1 in 10 problems in
-"heldout" and the rest in "train", independent of the seed, so no held-out problem is ever trained on.
+"heldout" and the rest in "train", whatever the seed, so no held-out problem is ever trained on.
 """
 
 from __future__ import annotations
@@ -53,12 +53,16 @@ _MUL_Q = (
 )
 _NAMES = ("Tom", "Anna", "Ravi", "Mia", "Leo", "Sara", "Ken", "Lina")
 _ITEMS = ("apples", "stamps", "marbles", "books", "coins", "shells", "cards", "pens")
-# word problem form -> (question template, the two steps as (op, left, right) over a, b, c, r1).
+# Two-step word problems: form -> question template over name n, item i and operands a, b, c; the
+# steps are r1 = a op1 b, answer = r1 op2 c (ops in _WORD_STEPS). Keep the order: the form's index
+# is the first operand of a word problem.
+_HOW_MANY = " How many {i} does {n} have now?"
 _WORD_FORMS = {
-    "add_sub": "{n} has {a} {i}. {n} buys {b} more and then gives away {c}. How many {i} does {n} have now?",
-    "add_add": "{n} has {a} {i}, gets {b} more from a friend and then buys {c} more. How many {i} does {n} have now?",
-    "sub_add": "{n} had {a} {i}, lost {b} of them and then found {c}. How many {i} does {n} have now?",
-    "mul_add": "A box holds {a} {i}. {n} buys {b} boxes and {c} loose {i}. How many {i} does {n} have in total?",
+    "add_sub": "{n} has {a} {i}. {n} buys {b} more and then gives away {c}." + _HOW_MANY,
+    "add_add": "{n} has {a} {i}, gets {b} more from a friend and then buys {c} more." + _HOW_MANY,
+    "sub_add": "{n} had {a} {i}, lost {b} of them and then found {c}." + _HOW_MANY,
+    "mul_add": "A box holds {a} {i}. {n} buys {b} boxes and {c} loose {i}."
+    " How many {i} does {n} have in total?",
 }
 
 ANSWER_RE = re.compile(r"The answer is (-?\d+)\.")
@@ -88,7 +92,7 @@ def add_trace(a: int, b: int) -> list[str]:
     """Column addition, units first: one line per column with the carry in written out."""
     width = max(len(str(a)), len(str(b)))
     lines, carry = [f"{a} + {b}"], 0
-    for x, y in zip(_digits(a, width), _digits(b, width)):
+    for x, y in zip(_digits(a, width), _digits(b, width), strict=True):
         s = x + y + carry
         lines.append(f"{x}+{y}+{carry}={s}, write {s % 10}, carry {s // 10}")
         carry = s // 10
@@ -100,13 +104,15 @@ def sub_trace(a: int, b: int) -> list[str]:
     """Column subtraction (a >= b), units first, borrowing when a column goes below zero."""
     width = len(str(a))
     lines, borrow = [f"{a} - {b}"], 0
-    for x, y in zip(_digits(a, width), _digits(b, width)):
+    for x, y in zip(_digits(a, width), _digits(b, width), strict=True):
         d = x - y - borrow
         if d >= 0:
             lines.append(f"{x}-{y}-{borrow}={d}, write {d}, borrow 0")
             borrow = 0
         else:
-            lines.append(f"{x}-{y}-{borrow}<0, {x + 10}-{y}-{borrow}={d + 10}, write {d + 10}, borrow 1")
+            lines.append(
+                f"{x}-{y}-{borrow}<0, {x + 10}-{y}-{borrow}={d + 10}, write {d + 10}, borrow 1"
+            )
             borrow = 1
     lines.append(f"so {a} - {b} = {a - b}")
     return lines
@@ -123,8 +129,17 @@ def mul_trace(a: int, m: int) -> list[str]:
     return lines
 
 
-_OPS = {"+": (add_trace, lambda x, y: x + y), "-": (sub_trace, lambda x, y: x - y), "*": (mul_trace, lambda x, y: x * y)}
-_WORD_STEPS = {"add_sub": ("+", "-"), "add_add": ("+", "+"), "sub_add": ("-", "+"), "mul_add": ("*", "+")}
+_OPS = {
+    "+": (add_trace, lambda x, y: x + y),
+    "-": (sub_trace, lambda x, y: x - y),
+    "*": (mul_trace, lambda x, y: x * y),
+}
+_WORD_STEPS = {
+    "add_sub": ("+", "-"),
+    "add_add": ("+", "+"),
+    "sub_add": ("-", "+"),
+    "mul_add": ("*", "+"),
+}
 
 
 # ----------------------------------------------------------------------------- sampling problems
@@ -161,7 +176,9 @@ def _build(kind: str, level: int, operands: tuple[int, ...], rng: random.Random)
         op1, op2 = _WORD_STEPS[name]
         r1 = _OPS[op1][1](a, b)
         answer = _OPS[op2][1](r1, c)
-        question = _WORD_FORMS[name].format(n=rng.choice(_NAMES), i=rng.choice(_ITEMS), a=a, b=b, c=c)
+        question = _WORD_FORMS[name].format(
+            n=rng.choice(_NAMES), i=rng.choice(_ITEMS), a=a, b=b, c=c
+        )
         lines = ["Step 1:", *_OPS[op1][0](a, b), "Step 2:", *_OPS[op2][0](r1, c)]
     else:
         a, b = operands
@@ -186,9 +203,10 @@ def make_examples(
     levels: tuple[int, ...] = LEVELS,
     unique: bool = True,
 ) -> list[Example]:
-    """Generate n examples of one split, cycling through `levels` (level of example i is levels[i % len]).
+    """Generate n examples of one split; example i has level levels[i % len(levels)].
 
-    Deterministic in (n, split, seed, levels). With `unique`, no operand tuple repeats within the list.
+    Deterministic in (n, split, seed, levels). With `unique`, no operand tuple repeats in the list
+    (for large training sets pass unique=False: level 2 has only ~650 train multiplications).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -220,7 +238,7 @@ def answer_text(answer: int) -> str:
 
 
 def assistant_content(example: Example, thinking: bool) -> str:
-    """The assistant turn as Qwen3's hybrid template renders the final turn: think block, blank line, answer."""
+    """The assistant turn as Qwen3's hybrid template renders a final turn: think block, answer."""
     reasoning = example.trace if thinking else ""
     return f"<think>\n{reasoning}\n</think>\n\n{answer_text(example.answer)}"
 

@@ -1,4 +1,4 @@
-"""The demo task data: deterministic, split-disjoint, and every worked trace arithmetically right."""
+"""The demo task data: deterministic, split-disjoint, every worked trace arithmetically right."""
 
 import re
 
@@ -18,7 +18,7 @@ _SO = re.compile(r"so (\d+) ([-+*]) (\d+) = (\d+)")
 
 
 def _check_block(lines: list[str]) -> int:
-    """Verify one worked operation (header, column lines, result line) independently; return its result."""
+    """Check one worked operation (header, column lines, result line); return its result."""
     a, op, b = _HEAD.fullmatch(lines[0]).groups()
     a, b = int(a), int(b)
     width = len(str(a)) if op in "-*" else max(len(str(a)), len(str(b)))
@@ -94,7 +94,9 @@ def test_deterministic():
 
 def test_splits_disjoint():
     train = {(e.kind, e.operands) for s in range(3) for e in data.make_examples(N, "train", seed=s)}
-    held = {(e.kind, e.operands) for s in range(3) for e in data.make_examples(N, "heldout", seed=s)}
+    held = {
+        (e.kind, e.operands) for s in range(3) for e in data.make_examples(N, "heldout", seed=s)
+    }
     assert train and held and not train & held
     assert all(data.split_of(*k) == "heldout" for k in held)
 
