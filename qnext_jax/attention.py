@@ -1,0 +1,62 @@
+"""Gated full attention (one layer in every `full_attention_interval`).
+
+q_proj's output is per-head interleaved [q (D) | gate (D)]; q and k get a zero-centred RMSNorm
+per head, then partial NeoX RoPE; the attention output is multiplied by sigmoid(gate) before
+o_proj. GQA: KV head j serves query heads j*G .. j*G+G-1, never materialised per query head.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qnext_jax import ops
+from qnext_jax.cache import KVCache
+from qnext_jax.config import Qwen3NextConfig, RuntimeOptions
+from qnext_jax.layers import Linear, RMSNorm, apply_partial_rope
+
+
+class GatedAttention(nnx.Module):
+    def __init__(self, cfg: Qwen3NextConfig, opts: RuntimeOptions, *, dtype, rngs):
+        D, H, KVH, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = H, KVH, Dh
+        self.q_proj = Linear(D, H * 2 * Dh, dtype=dtype, rngs=rngs)  # per head [q | gate]
+        self.k_proj = Linear(D, KVH * Dh, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(D, KVH * Dh, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(H * Dh, D, dtype=dtype, rngs=rngs)
+        self.q_norm = RMSNorm(Dh, cfg.rms_norm_eps, dtype=dtype)
+        self.k_norm = RMSNorm(Dh, cfg.rms_norm_eps, dtype=dtype)
+        self.impl = opts.attention_impl
+
+    def __call__(self, x, cos, sin, positions, cache: KVCache | None):
+        """x [B,T,D]; cos/sin [B,T,R]; positions [B,T] (-1: padding, writes nothing).
+
+        Without a cache the T tokens attend among themselves; with one, K/V are written at
+        their positions and the queries attend over the whole cache."""
+        B, T, _ = x.shape
+        H, KVH, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        qg = self.q_proj(x).reshape(B, T, H, 2 * Dh)
+        q, gate = qg[..., :Dh], qg[..., Dh:].reshape(B, T, H * Dh)
+        k = self.k_proj(x).reshape(B, T, KVH, Dh)
+        v = self.v_proj(x).reshape(B, T, KVH, Dh)
+        q = apply_partial_rope(self.q_norm(q), cos, sin)  # RoPE after the q/k norm
+        k = apply_partial_rope(self.k_norm(k), cos, sin)
+
+        if cache is None:
+            k_all, v_all, k_pos = k, v, positions
+        else:
+            S = cache.k.shape[1]
+            slot = jnp.where(positions >= 0, positions, S)  # padding -> out of range, dropped
+            rows = jnp.arange(B)[:, None]
+            k_all = cache.k.at[rows, slot].set(k.astype(cache.k.dtype), mode="drop")
+            v_all = cache.v.at[rows, slot].set(v.astype(cache.v.dtype), mode="drop")
+            cache = KVCache(k_all, v_all)
+            k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        q_pos = jnp.where(positions >= 0, positions, -2)  # padded queries see nothing
+        out = ops.attention(
+            q, k_all.astype(q.dtype), v_all.astype(q.dtype), q_pos, k_pos,
+            scale=Dh**-0.5, impl=self.impl,
+        )
+        out = out.reshape(B, T, H * Dh) * jax.nn.sigmoid(gate)  # the output gate
+        return self.o_proj(out), cache

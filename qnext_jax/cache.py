@@ -1,0 +1,70 @@
+"""The hybrid decode cache, typed per layer by the layer pattern.
+
+Full-attention layers keep K/V for up to `max_len` positions (slot index == token position);
+Gated DeltaNet layers keep the conv state (the last W-1 pre-conv inputs) and the recurrent
+state [B, HV, K, V] (fp32 by default). Caches are replaced, never mutated.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from qnext_jax.config import FULL, Qwen3NextConfig
+
+
+@struct.dataclass
+class KVCache:
+    k: jax.Array  # [B, S, KVH, D]
+    v: jax.Array  # [B, S, KVH, D]
+
+
+@struct.dataclass
+class GDNCache:
+    conv: jax.Array  # [B, W-1, C]  C = conv channels, grouped per key head
+    state: jax.Array  # [B, HV, K, V]
+
+
+def layer_cache(
+    cfg: Qwen3NextConfig, layer_type: str, batch: int, max_len: int, dtype, state_dtype
+) -> KVCache | GDNCache:
+    if layer_type == FULL:
+        shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    conv = jnp.zeros((batch, cfg.linear_conv_kernel_dim - 1, cfg.conv_dim), dtype)
+    state = jnp.zeros(
+        (batch, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim),
+        state_dtype,
+    )
+    return GDNCache(conv, state)
+
+
+def stacked(caches: list) -> KVCache | GDNCache:
+    """Stack per-repeat caches along a new leading axis (for scanned layer groups)."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *caches)
+
+
+def cache_bytes(
+    cfg: Qwen3NextConfig, batch: int, max_len: int, *, kv_bytes: int = 2, state_bytes: int = 4,
+    mtp: bool = False,
+) -> int:
+    """Bytes the hybrid cache needs for `batch` sequences of up to `max_len` tokens."""
+    n_full = sum(t == FULL for t in cfg.layer_types) + (cfg.num_mtp_layers if mtp else 0)
+    n_linear = cfg.num_hidden_layers - sum(t == FULL for t in cfg.layer_types)
+    kv = 2 * max_len * cfg.num_key_value_heads * cfg.head_dim * kv_bytes
+    conv = (cfg.linear_conv_kernel_dim - 1) * cfg.conv_dim * kv_bytes
+    rec = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim
+    return batch * (n_full * kv + n_linear * (conv + rec * state_bytes))
+
+
+def reset_rows(cache, rows: jax.Array):
+    """Zero the rows where `rows` [B] is True (a slot that starts a new sequence).
+
+    Every cache leaf is stacked [L, B, ...] (layer repeats first), so batch is axis 1."""
+
+    def zero(x):
+        mask = rows.reshape((1, -1) + (1,) * (x.ndim - 2))
+        return jnp.where(mask, jnp.zeros((), x.dtype), x)
+
+    return jax.tree.map(zero, cache)

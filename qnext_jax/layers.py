@@ -1,0 +1,125 @@
+"""Small shared pieces: zero-centred RMSNorm, the GDN gated RMSNorm, partial NeoX RoPE (+YaRN),
+a bias-free linear layer, and the SwiGLU MLP."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qnext_jax.config import RopeScaling
+
+
+def _init(rngs: nnx.Rngs | None, shape, dtype, std: float = 0.02):
+    """Normal init when rngs are given; zeros otherwise (weights will be loaded)."""
+    if rngs is None:
+        return jnp.zeros(shape, dtype)
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ w with w stored [in, out] (HF stores [out, in]; the converter transposes)."""
+
+    def __init__(self, d_in: int, d_out: int, *, dtype, rngs: nnx.Rngs | None):
+        self.w = nnx.Param(_init(rngs, (d_in, d_out), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.dot(x, self.w[...].astype(x.dtype))
+
+
+class RMSNorm(nnx.Module):
+    """Zero-centred RMSNorm: y = x_hat * (1 + w), computed in fp32, cast after the multiply."""
+
+    def __init__(self, dim: int, eps: float, *, dtype, rngs: nnx.Rngs | None = None):
+        self.w = nnx.Param(jnp.zeros((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * (1.0 + self.w[...].astype(jnp.float32))).astype(x.dtype)
+
+
+class GatedRMSNorm(nnx.Module):
+    """GDN output norm: y = x_hat * w * silu(z), plain w (NOT 1 + w), all fp32 (as fla / vLLM)."""
+
+    def __init__(self, dim: int, eps: float, *, dtype, rngs: nnx.Rngs | None = None):
+        self.w = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array, z: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        y = xf * self.w[...].astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
+        return y.astype(z.dtype)
+
+
+class SwiGLU(nnx.Module):
+    """(silu(x Wg) * (x Wu)) Wd: the dense MLP and the shared expert."""
+
+    def __init__(self, d_model: int, d_ff: int, *, dtype, rngs: nnx.Rngs | None):
+        self.gate_proj = Linear(d_model, d_ff, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(d_model, d_ff, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(d_ff, d_model, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ---- rotary embedding ----------------------------------------------------------------------
+def rope_frequencies(
+    rotary_dim: int, theta: float, scaling: RopeScaling | None, max_position_embeddings: int
+) -> tuple[jax.Array, float]:
+    """Inverse frequencies [rotary_dim // 2] (fp32) and the cos/sin scale (YaRN's mscale)."""
+    exponents = jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim
+    inv_freq = 1.0 / (theta**exponents)
+    if scaling is None or scaling.rope_type == "default":
+        return inv_freq, 1.0
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor, 1.0
+    # YaRN: blend interpolated and extrapolated frequencies over a linear ramp of dims
+    factor = scaling.factor
+    original = scaling.original_max_position_embeddings or max_position_embeddings
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if scaling.attention_factor is not None:
+        attention_factor = scaling.attention_factor
+    elif scaling.mscale and scaling.mscale_all_dim:
+        attention_factor = mscale(factor, scaling.mscale) / mscale(factor, scaling.mscale_all_dim)
+    else:
+        attention_factor = mscale(factor)
+
+    def correction_dim(rotations):
+        return rotary_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(scaling.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(scaling.beta_slow)), rotary_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = jnp.clip((jnp.arange(rotary_dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1.0 - ramp
+    inv_freq = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
+    return inv_freq, attention_factor
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array, scale: float, dtype):
+    """positions [B, T] -> cos, sin [B, T, rotary_dim] in `dtype`.
+
+    Tables in fp32, then cast to the activation dtype BEFORE the rotation, as HF does."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return (jnp.cos(emb) * scale).astype(dtype), (jnp.sin(emb) * scale).astype(dtype)
+
+
+def apply_partial_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """NeoX (half-split) rotation of the first rotary_dim dims of x [B, T, N, D]; rest pass through."""
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2 :]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)

@@ -1,0 +1,232 @@
+"""Qwen3-Next for causal LM: decoder layers assembled by the layer pattern.
+
+Axis legend: B batch, T time, S cache length, D model dim, H heads, K/V head dims,
+E experts, F expert ffw, L layer repeats, N tokens (B*T).
+
+Layers are grouped into segments of a repeating pattern (for the 80B model: one segment of
+[GDN, GDN, GDN, attention] x 12). A segment's parameters and caches are stacked along a leading
+L axis and iterated with `lax.scan`, so the 48-layer model compiles in about the time of one group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qnext_jax.attention import GatedAttention
+from qnext_jax.cache import layer_cache, stacked
+from qnext_jax.config import FULL, LINEAR, Qwen3NextConfig, RuntimeOptions
+from qnext_jax.deltanet import GatedDeltaNet
+from qnext_jax.layers import Linear, RMSNorm, SwiGLU, rope_cos_sin, rope_frequencies
+from qnext_jax.moe import SparseMoE
+
+Kind = tuple[str, bool]  # (layer type, is MoE)
+
+
+class DecoderLayer(nnx.Module):
+    """x + mixer(norm(x)), then + mlp(norm(x)); mixer is GDN or gated attention by the pattern."""
+
+    def __init__(self, cfg: Qwen3NextConfig, opts: RuntimeOptions, kind: Kind, *, dtype, rngs):
+        layer_type, is_moe = kind
+        self.layer_type = layer_type
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        if layer_type == LINEAR:
+            self.linear_attn = GatedDeltaNet(cfg, opts, dtype=dtype, rngs=rngs)
+        else:
+            self.self_attn = GatedAttention(cfg, opts, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        if is_moe:
+            self.mlp = SparseMoE(cfg, opts, dtype=dtype, rngs=rngs)
+        else:
+            self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, rope, positions, cache, collect_states=False):
+        h = self.input_layernorm(x)
+        states = None
+        if self.layer_type == LINEAR:
+            out = self.linear_attn(h, positions, cache, return_all_states=collect_states)
+            h, cache = out[0], out[1]
+            states = out[2] if collect_states else None
+        else:
+            h, cache = self.self_attn(h, *rope, positions, cache)
+        x = x + h  # residual adds in the activation dtype, as the reference
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, cache, states
+
+
+class LayerGroup(nnx.Module):
+    """One period of the layer pattern, e.g. [GDN, GDN, GDN, attention]."""
+
+    def __init__(self, cfg, opts, pattern: tuple[Kind, ...], *, dtype, rngs):
+        self.layers = nnx.List([DecoderLayer(cfg, opts, k, dtype=dtype, rngs=rngs) for k in pattern])
+
+    def __call__(self, x, rope, positions, caches, collect_states=False):
+        new_caches, states = [], []
+        for layer, cache in zip(self.layers, caches, strict=True):
+            x, cache, st = layer(x, rope, positions, cache, collect_states)
+            new_caches.append(cache)
+            states.append(st)
+        return x, tuple(new_caches), tuple(states)
+
+
+def segment_layers(kinds: tuple[Kind, ...]) -> list[tuple[int, int, int]]:
+    """Split the layer sequence into (start, period, repeats) runs of a repeating pattern,
+    greedily taking the period that covers the most layers from each start."""
+    segments, i, n = [], 0, len(kinds)
+    while i < n:
+        best_p, best_r = 1, 1
+        for p in range(1, n - i + 1):
+            r = 1
+            while kinds[i + r * p : i + (r + 1) * p] == kinds[i : i + p]:
+                r += 1
+            if r >= 2 and p * r > best_p * best_r:
+                best_p, best_r = p, r
+        segments.append((i, best_p, best_r))
+        i += best_p * best_r
+    return segments
+
+
+class LayerStack(nnx.Module):
+    """`repeats` copies of a LayerGroup with parameters stacked on a leading L axis."""
+
+    def __init__(self, cfg, opts, pattern, repeats: int, *, dtype, rngs):
+        groups = [LayerGroup(cfg, opts, pattern, dtype=dtype, rngs=rngs) for _ in range(repeats)]
+        graphdef, _ = nnx.split(groups[0])
+        states = [nnx.state(g) for g in groups]
+        self.group = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+        self.pattern, self.repeats, self.scan = pattern, repeats, opts.scan_layers
+
+    def __call__(self, x, rope, positions, caches, collect_states=False):
+        graphdef, params = nnx.split(self.group)
+
+        def body(h, xs):
+            p, c = xs
+            h, c, st = nnx.merge(graphdef, p)(h, rope, positions, c, collect_states)
+            return h, (c, st)
+
+        if self.scan and self.repeats > 1:
+            return _scan_out(jax.lax.scan(body, x, (params, caches)))
+        outs = []
+        for i in range(self.repeats):
+            x, out = body(x, jax.tree.map(lambda a, i=i: a[i], (params, caches)))
+            outs.append(out)
+        return _scan_out((x, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)))
+
+
+def _scan_out(result):
+    x, (caches, states) = result
+    return x, caches, states
+
+
+@dataclasses.dataclass
+class ForwardOutput:
+    hidden: jax.Array  # [B, T, D] after the final norm (what the MTP head consumes)
+    cache: Any  # new cache, or None
+    states: Any = None  # per-position GDN states when collect_states
+
+
+class Qwen3NextForCausalLM(nnx.Module):
+    """Qwen3NextForCausalLM. `model(input_ids)` -> logits [B, T, vocab]."""
+
+    def __init__(
+        self, cfg: Qwen3NextConfig, opts: RuntimeOptions | None = None, *, rngs: nnx.Rngs | None = None
+    ):
+        from qnext_jax.mtp import MultiTokenPredictor  # mtp builds on DecoderLayer
+
+        opts = opts or RuntimeOptions()
+        dtype = jnp.dtype(opts.dtype)
+        self.config, self.opts, self.dtype = cfg, opts, dtype
+        self.embed_tokens = nnx.Param(
+            jnp.zeros((cfg.vocab_size, cfg.hidden_size), dtype)
+            if rngs is None
+            else (0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size))).astype(dtype)
+        )
+        kinds = cfg.layer_kinds()
+        self.segments = nnx.List([
+            LayerStack(cfg, opts, kinds[s : s + p], r, dtype=dtype, rngs=rngs)
+            for s, p, r in segment_layers(kinds)
+        ])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(
+            cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs
+        )
+        self.mtp = MultiTokenPredictor(cfg, opts, dtype=dtype, rngs=rngs) if cfg.num_mtp_layers else None
+
+    # ---- building blocks -----------------------------------------------------------------
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+
+    def rope(self, positions: jax.Array):
+        cfg = self.config
+        inv_freq, scale = rope_frequencies(
+            cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
+        )
+        return rope_cos_sin(jnp.maximum(positions, 0), inv_freq, scale, self.dtype)
+
+    def compute_logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., D] (post-norm) -> logits [..., vocab] in the activation dtype."""
+        w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head.w[...]
+        return jnp.dot(hidden, w.astype(hidden.dtype))
+
+    def init_cache(self, batch: int, max_len: int, *, kv_dtype=None, state_dtype=jnp.float32):
+        """The hybrid cache: per segment, per pattern position, stacked over repeats."""
+        kv_dtype = kv_dtype or self.dtype
+        caches = tuple(
+            tuple(
+                stacked([
+                    layer_cache(self.config, kind[0], batch, max_len, kv_dtype, state_dtype)
+                    for _ in range(seg.repeats)
+                ])
+                for kind in seg.pattern
+            )
+            for seg in self.segments
+        )
+        mtp = None
+        if self.mtp is not None:
+            mtp = stacked([
+                layer_cache(self.config, FULL, batch, max_len, kv_dtype, state_dtype)
+                for _ in range(self.config.num_mtp_layers)
+            ])
+        return {"layers": caches, "mtp": mtp}
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward(self, input_ids, positions=None, cache=None, *, collect_states=False) -> ForwardOutput:
+        """input_ids [B, T]; positions [B, T] (default 0..T-1; -1 marks right padding);
+        cache from init_cache or None. Returns post-norm hidden states and the new cache."""
+        B, T = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        x = self.embed(input_ids)
+        rope = self.rope(positions)
+        new_caches, states = [], []
+        for i, seg in enumerate(self.segments):
+            seg_cache = cache["layers"][i] if cache is not None else (None,) * len(seg.pattern)
+            x, c, st = seg(x, rope, positions, seg_cache, collect_states)
+            new_caches.append(c)
+            states.append(st)
+        hidden = self.norm(x)
+        new_cache = None
+        if cache is not None:
+            new_cache = {"layers": tuple(new_caches), "mtp": cache["mtp"]}
+        return ForwardOutput(hidden, new_cache, tuple(states) if collect_states else None)
+
+    def mtp_forward(self, next_ids, hidden, positions, cache=None):
+        """The MTP head: next_ids [B,T] (token t+1), hidden [B,T,D] (main post-norm state at t),
+        positions [B,T] (those of t). Returns (MTP post-norm hidden [B,T,D], new cache)."""
+        if self.mtp is None:
+            raise ValueError("this checkpoint has no MTP layers (config.num_mtp_layers == 0)")
+        mtp_cache = None if cache is None else cache["mtp"]
+        h, mtp_cache = self.mtp(self.embed(next_ids), hidden, self.rope(positions), positions, mtp_cache)
+        if cache is not None:
+            cache = {"layers": cache["layers"], "mtp": mtp_cache}
+        return h, cache
+
+    def __call__(self, input_ids, *, positions=None, return_hidden: bool = False):
+        out = self.forward(input_ids, positions)
+        logits = self.compute_logits(out.hidden)
+        return (logits, out.hidden) if return_hidden else logits
+

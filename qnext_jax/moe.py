@@ -1,0 +1,44 @@
+"""Sparse MoE: fp32 softmax router over all experts -> top-k -> renormalise, stacked routed
+experts [E, ...] (so grouped matmuls and expert sharding can use them), and a shared expert
+scaled by a per-token sigmoid gate."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qnext_jax import ops
+from qnext_jax.config import Qwen3NextConfig, RuntimeOptions
+from qnext_jax.layers import Linear, SwiGLU, _init
+
+
+def route(logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
+    """logits [N, E] -> (weights [N, k] fp32, expert ids [N, k] int32): softmax, then top-k."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)
+    if normalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, experts.astype(jnp.int32)
+
+
+class SparseMoE(nnx.Module):
+    def __init__(self, cfg: Qwen3NextConfig, opts: RuntimeOptions, *, dtype, rngs):
+        D, E, F = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+        self.top_k, self.normalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.gate = Linear(D, E, dtype=dtype, rngs=rngs)  # the router
+        self.gate_up = nnx.Param(_init(rngs, (E, D, 2 * F), dtype))  # [E, D, gate F | up F]
+        self.down = nnx.Param(_init(rngs, (E, F, D), dtype))  # [E, F, D]
+        self.shared_expert = SwiGLU(D, cfg.shared_expert_intermediate_size, dtype=dtype, rngs=rngs)
+        self.shared_expert_gate = Linear(D, 1, dtype=dtype, rngs=rngs)
+        self.impl = opts.moe_impl
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N, D]
+        weights, experts = route(self.gate(x), self.top_k, self.normalize)
+        routed = ops.moe_experts(
+            x, weights, experts, self.gate_up[...], self.down[...], impl=self.impl
+        )
+        shared = self.shared_expert(x) * jax.nn.sigmoid(self.shared_expert_gate(x))
+        return (routed + shared).reshape(shape)

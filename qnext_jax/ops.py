@@ -1,0 +1,138 @@
+"""The one seam for hot ops: each picks a Pallas kernel or the pure-jnp reference.
+
+The model calls only these functions; `impl` strings come from RuntimeOptions. Every fast path
+has a reference here with the same signature, so everything runs (and is checked) on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.causal_conv1d import causal_conv1d_ref
+from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule_ref, recurrent_gated_delta_rule
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+@functools.cache
+def _kernel(module: str, name: str):
+    """A Pallas kernel from pallas_kernels, or None where it is not built."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+# ---- gated delta rule ------------------------------------------------------------------------
+def gated_delta_rule(
+    q, k, v, g, beta, *, initial_state=None, impl: str = "auto", chunk_size: int = 64,
+    return_all_states: bool = False,
+):
+    """q, k [B,T,H,K] (raw: l2-normalised and scaled here), v [B,T,HV,V], g/beta [B,T,HV],
+    state [B,HV,K,V] fp32 -> (o [B,T,HV,V], final state[, states after each position])."""
+    T = q.shape[1]
+    kw = dict(initial_state=initial_state, use_qk_l2norm=True)
+    if return_all_states:
+        step = _kernel("pallas_kernels.gated_delta_rule", "fused_recurrent_gated_delta_rule")
+        if impl in ("auto", "pallas") and on_gpu() and step is not None:
+            return step(q, k, v, g, beta, return_all_states=True, **kw)
+        return recurrent_gated_delta_rule(q, k, v, g, beta, return_all_states=True, **kw)
+    if impl == "auto":
+        impl = "pallas" if on_gpu() else ("recurrent" if T <= 8 else "chunked")
+    if impl == "pallas":
+        name = "fused_recurrent_gated_delta_rule" if T <= 8 else "chunk_gated_delta_rule"
+        kernel = _kernel("pallas_kernels.gated_delta_rule", name)
+        if kernel is not None:
+            return kernel(q, k, v, g, beta, interpret=not on_gpu(), **kw)
+        impl = "chunked"
+    if impl == "recurrent":
+        return recurrent_gated_delta_rule(q, k, v, g, beta, **kw)
+    if impl == "chunked":
+        return chunk_gated_delta_rule_ref(q, k, v, g, beta, chunk_size=chunk_size, **kw)
+    raise ValueError(f"gdn_impl={impl!r}; allowed: 'auto', 'pallas', 'chunked', 'recurrent'")
+
+
+# ---- causal depthwise conv1d ---------------------------------------------------------------
+def causal_conv1d(x, weight, initial_state=None, *, impl: str = "auto"):
+    """x [B,T,C], weight [W,C], state [B,W-1,C] -> (silu(conv(x)) [B,T,C], state)."""
+    if impl in ("auto", "pallas") and on_gpu():
+        kernel = _kernel("pallas_kernels.causal_conv1d", "causal_conv1d")
+        if kernel is not None:
+            return kernel(x, weight, initial_state, activation="silu")
+    return causal_conv1d_ref(x, weight, initial_state, activation="silu")
+
+
+# ---- attention -----------------------------------------------------------------------------
+def attention(q, k, v, q_pos, k_pos, *, scale: float, impl: str = "auto"):
+    """Causal GQA attention by position: key s is visible to query t iff k_pos[s] <= q_pos[t].
+
+    q [B,T,H,D], k/v [B,S,KVH,D], q_pos [B,T], k_pos [B,S] (-1 marks an empty slot).
+    Softmax in fp32; KV heads are never repeated (query heads grouped per KV head)."""
+    B, T, H, D = q.shape
+    KVH = k.shape[2]
+    qg = q.reshape(B, T, KVH, H // KVH, D)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    visible = (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0)  # [B,T,S]
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(visible[:, None, None], probs, 0.0).astype(v.dtype)  # rows with no key
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, H, D).astype(q.dtype)
+
+
+# ---- routed experts ------------------------------------------------------------------------
+def moe_experts(x, weights, experts, w_gate_up, w_down, *, impl: str = "auto"):
+    """sum_j weights[n, j] * Expert_{experts[n, j]}(x[n]).
+
+    x [N,D]; weights [N,k] fp32; experts [N,k] int32; w_gate_up [E,D,2F] (gate | up);
+    w_down [E,F,D]. Returns [N,D] in x.dtype (products in x.dtype, sum over k in fp32)."""
+    N, k = experts.shape
+    if impl == "auto":
+        impl = "gather" if N * k <= 64 else "ragged"
+    if impl == "gather":
+        h = _expert_gather(x, experts, w_gate_up, w_down)  # [N,k,D]
+    elif impl == "ragged":
+        h = _expert_ragged(x, experts, w_gate_up, w_down)
+    elif impl == "dense":
+        h = _expert_dense(x, experts, w_gate_up, w_down)
+    else:
+        raise ValueError(f"moe_impl={impl!r}; allowed: 'auto', 'gather', 'ragged', 'dense'")
+    return jnp.einsum("nk,nkd->nd", weights, h.astype(jnp.float32)).astype(x.dtype)
+
+
+def _swiglu(gate_up):
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    return jax.nn.silu(gate) * up
+
+
+def _expert_gather(x, experts, w_gate_up, w_down):
+    """Decode path: gather the k experts of each token (reads only touched experts)."""
+    gu = jnp.einsum("nd,nkdf->nkf", x, w_gate_up[experts].astype(x.dtype))
+    return jnp.einsum("nkf,nkfd->nkd", _swiglu(gu), w_down[experts].astype(x.dtype))
+
+
+def _expert_dense(x, experts, w_gate_up, w_down):
+    """Every expert on every token, then pick: the simplest reference (small E only)."""
+    gu = jnp.einsum("nd,edf->nef", x, w_gate_up.astype(x.dtype))
+    h = jnp.einsum("nef,efd->ned", _swiglu(gu), w_down.astype(x.dtype))
+    return jnp.take_along_axis(h, experts[..., None], axis=1)
+
+
+def _expert_ragged(x, experts, w_gate_up, w_down):
+    """Prefill path: sort (token, slot) pairs by expert, grouped matmul, unsort."""
+    N, k = experts.shape
+    E = w_gate_up.shape[0]
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    rows = x[order // k]  # [N*k, D]
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    gu = jax.lax.ragged_dot(rows, w_gate_up.astype(x.dtype), sizes)
+    h = jax.lax.ragged_dot(_swiglu(gu), w_down.astype(x.dtype), sizes)
+    out = jnp.zeros_like(h).at[order].set(h)
+    return out.reshape(N, k, -1)
