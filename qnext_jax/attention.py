@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qnext_jax import ops
-from qnext_jax.cache import KVCache
+from qnext_jax.cache import CacheSlots, KVCache
 from qnext_jax.config import Qwen3NextConfig, RuntimeOptions
 from qnext_jax.layers import Linear, RMSNorm, apply_partial_rope
 
@@ -29,11 +29,12 @@ class GatedAttention(nnx.Module):
         self.k_norm = RMSNorm(Dh, cfg.rms_norm_eps, dtype=dtype)
         self.impl = opts.attention_impl
 
-    def __call__(self, x, cos, sin, positions, cache: KVCache | None):
+    def __call__(self, x, cos, sin, positions, cache: KVCache | None, slots: CacheSlots | None = None):
         """x [B,T,D]; cos/sin [B,T,R]; positions [B,T] (-1: padding, writes nothing).
 
         Without a cache the T tokens attend among themselves; with one, K/V are written at
-        their positions and the queries attend over the whole cache."""
+        their positions (in cache row slots.rows[b], or b) and the queries attend over the
+        whole cache row."""
         B, T, _ = x.shape
         H, KVH, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         qg = self.q_proj(x).reshape(B, T, H, 2 * Dh)
@@ -48,10 +49,15 @@ class GatedAttention(nnx.Module):
         else:
             S = cache.k.shape[1]
             slot = jnp.where(positions >= 0, positions, S)  # padding -> out of range, dropped
-            rows = jnp.arange(B)[:, None]
-            k_all = cache.k.at[rows, slot].set(k.astype(cache.k.dtype), mode="drop")
-            v_all = cache.v.at[rows, slot].set(v.astype(cache.v.dtype), mode="drop")
-            cache = KVCache(k_all, v_all)
+            rows = (jnp.arange(B) if slots is None else slots.rows)[:, None]
+            cache = KVCache(
+                cache.k.at[rows, slot].set(k.astype(cache.k.dtype), mode="drop"),
+                cache.v.at[rows, slot].set(v.astype(cache.v.dtype), mode="drop"),
+            )
+            k_all, v_all = cache.k, cache.v
+            if slots is not None:  # the rows of this batch (stale K/V beyond a position are masked)
+                k_all = jnp.take(k_all, slots.rows, axis=0, mode="clip")
+                v_all = jnp.take(v_all, slots.rows, axis=0, mode="clip")
             k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
         q_pos = jnp.where(positions >= 0, positions, -2)  # padded queries see nothing
         out = ops.attention(

@@ -26,6 +26,25 @@ class GDNCache:
     state: jax.Array  # [B, HV, K, V]
 
 
+@struct.dataclass
+class CacheSlots:
+    """Which cache rows a forward of P sequences uses (the cache holds more rows than P).
+
+    rows [P] int32 (a row >= the cache batch marks a padding sequence: nothing is written);
+    fresh [P] bool: the sequence starts here, so its recurrent state starts from zeros."""
+
+    rows: jax.Array
+    fresh: jax.Array
+
+    def gather(self, x: jax.Array) -> jax.Array:
+        """Rows of a per-layer cache leaf [B_cache, ...] -> [P, ...], zeroed where fresh."""
+        x = jnp.take(x, self.rows, axis=0, mode="clip")
+        return jnp.where(self.fresh.reshape((-1,) + (1,) * (x.ndim - 1)), jnp.zeros((), x.dtype), x)
+
+    def scatter(self, x: jax.Array, update: jax.Array) -> jax.Array:
+        return x.at[self.rows].set(update.astype(x.dtype), mode="drop")
+
+
 def layer_cache(
     cfg: Qwen3NextConfig, layer_type: str, batch: int, max_len: int, dtype, state_dtype
 ) -> KVCache | GDNCache:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qnext_jax import ops
-from qnext_jax.cache import GDNCache
+from qnext_jax.cache import CacheSlots, GDNCache
 from qnext_jax.config import Qwen3NextConfig, RuntimeOptions
 from qnext_jax.layers import GatedRMSNorm, Linear, _init
 
@@ -40,7 +40,8 @@ class GatedDeltaNet(nnx.Module):
         self.out_proj = Linear(HV * V, D, dtype=dtype, rngs=rngs)
         self.gdn_impl, self.chunk_size = opts.gdn_impl, opts.chunk_size
 
-    def __call__(self, x, positions, cache: GDNCache | None, *, return_all_states=False):
+    def __call__(self, x, positions, cache: GDNCache | None, slots: CacheSlots | None = None, *,
+                 return_all_states=False):
         """x [B,T,D]; positions [B,T] with -1 marking right padding (an exact no-op on the state).
 
         Returns (out [B,T,D], new cache or None); with return_all_states also the recurrent
@@ -54,7 +55,11 @@ class GatedDeltaNet(nnx.Module):
         ba = self.in_proj_ba(x).reshape(B, T, H, 2 * R)
         b, a = ba[..., :R].reshape(B, T, HV), ba[..., R:].reshape(B, T, HV)
 
-        conv_in = cache.conv if cache is not None else None
+        conv_in = state_in = None
+        if cache is not None:
+            conv_in, state_in = cache.conv, cache.state
+            if slots is not None:
+                conv_in, state_in = slots.gather(conv_in), slots.gather(state_in)
         mixed = jnp.where(valid[..., None], mixed, 0)
         conv_out, _ = ops.causal_conv1d(mixed, self.conv_w[...], conv_in, impl=self.gdn_impl)
         conv_out = conv_out.reshape(B, T, H, 2 * K + R * V)
@@ -69,7 +74,6 @@ class GatedDeltaNet(nnx.Module):
         beta = jnp.where(valid[..., None], beta, 0.0)
         g = jnp.where(valid[..., None], g, 0.0)
 
-        state_in = cache.state if cache is not None else None
         result = ops.gated_delta_rule(
             q, k, v, g, beta, initial_state=state_in, impl=self.gdn_impl,
             chunk_size=self.chunk_size, return_all_states=return_all_states,
@@ -80,10 +84,13 @@ class GatedDeltaNet(nnx.Module):
 
         new_cache = None
         if cache is not None:
-            conv_state = _last_inputs(cache.conv, mixed, valid)
-            new_cache = GDNCache(conv_state.astype(cache.conv.dtype), state.astype(cache.state.dtype))
+            conv_state = _last_inputs(conv_in, mixed, valid)
+            if slots is None:
+                new_cache = GDNCache(conv_state.astype(cache.conv.dtype), state.astype(cache.state.dtype))
+            else:
+                new_cache = GDNCache(slots.scatter(cache.conv, conv_state), slots.scatter(cache.state, state))
         if return_all_states:
-            return out, new_cache, (result[2], _all_conv_states(cache.conv, mixed))
+            return out, new_cache, (result[2], _all_conv_states(conv_in, mixed))
         return out, new_cache
 
 

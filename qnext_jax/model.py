@@ -44,15 +44,15 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, rope, positions, cache, collect_states=False):
+    def __call__(self, x, rope, positions, cache, slots=None, collect_states=False):
         h = self.input_layernorm(x)
         states = None
         if self.layer_type == LINEAR:
-            out = self.linear_attn(h, positions, cache, return_all_states=collect_states)
+            out = self.linear_attn(h, positions, cache, slots, return_all_states=collect_states)
             h, cache = out[0], out[1]
             states = out[2] if collect_states else None
         else:
-            h, cache = self.self_attn(h, *rope, positions, cache)
+            h, cache = self.self_attn(h, *rope, positions, cache, slots)
         x = x + h  # residual adds in the activation dtype, as the reference
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, cache, states
@@ -64,10 +64,10 @@ class LayerGroup(nnx.Module):
     def __init__(self, cfg, opts, pattern: tuple[Kind, ...], *, dtype, rngs):
         self.layers = nnx.List([DecoderLayer(cfg, opts, k, dtype=dtype, rngs=rngs) for k in pattern])
 
-    def __call__(self, x, rope, positions, caches, collect_states=False):
+    def __call__(self, x, rope, positions, caches, slots=None, collect_states=False):
         new_caches, states = [], []
         for layer, cache in zip(self.layers, caches, strict=True):
-            x, cache, st = layer(x, rope, positions, cache, collect_states)
+            x, cache, st = layer(x, rope, positions, cache, slots, collect_states)
             new_caches.append(cache)
             states.append(st)
         return x, tuple(new_caches), tuple(states)
@@ -100,12 +100,12 @@ class LayerStack(nnx.Module):
         self.group = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
         self.pattern, self.repeats, self.scan = pattern, repeats, opts.scan_layers
 
-    def __call__(self, x, rope, positions, caches, collect_states=False):
+    def __call__(self, x, rope, positions, caches, slots=None, collect_states=False):
         graphdef, params = nnx.split(self.group)
 
         def body(h, xs):
             p, c = xs
-            h, c, st = nnx.merge(graphdef, p)(h, rope, positions, c, collect_states)
+            h, c, st = nnx.merge(graphdef, p)(h, rope, positions, c, slots, collect_states)
             return h, (c, st)
 
         if self.scan and self.repeats > 1:
@@ -194,9 +194,12 @@ class Qwen3NextForCausalLM(nnx.Module):
         return {"layers": caches, "mtp": mtp}
 
     # ---- forward -------------------------------------------------------------------------
-    def forward(self, input_ids, positions=None, cache=None, *, collect_states=False) -> ForwardOutput:
+    def forward(self, input_ids, positions=None, cache=None, *, slots=None,
+                collect_states=False) -> ForwardOutput:
         """input_ids [B, T]; positions [B, T] (default 0..T-1; -1 marks right padding);
-        cache from init_cache or None. Returns post-norm hidden states and the new cache."""
+        cache from init_cache or None; slots (CacheSlots) maps the B sequences to cache rows
+        when the cache holds more rows than B. Returns post-norm hidden states and the new
+        cache; with collect_states also each GDN layer's states after every position."""
         B, T = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -205,7 +208,7 @@ class Qwen3NextForCausalLM(nnx.Module):
         new_caches, states = [], []
         for i, seg in enumerate(self.segments):
             seg_cache = cache["layers"][i] if cache is not None else (None,) * len(seg.pattern)
-            x, c, st = seg(x, rope, positions, seg_cache, collect_states)
+            x, c, st = seg(x, rope, positions, seg_cache, slots, collect_states)
             new_caches.append(c)
             states.append(st)
         hidden = self.norm(x)
@@ -214,13 +217,15 @@ class Qwen3NextForCausalLM(nnx.Module):
             new_cache = {"layers": tuple(new_caches), "mtp": cache["mtp"]}
         return ForwardOutput(hidden, new_cache, tuple(states) if collect_states else None)
 
-    def mtp_forward(self, next_ids, hidden, positions, cache=None):
+    def mtp_forward(self, next_ids, hidden, positions, cache=None, slots=None):
         """The MTP head: next_ids [B,T] (token t+1), hidden [B,T,D] (main post-norm state at t),
         positions [B,T] (those of t). Returns (MTP post-norm hidden [B,T,D], new cache)."""
         if self.mtp is None:
             raise ValueError("this checkpoint has no MTP layers (config.num_mtp_layers == 0)")
         mtp_cache = None if cache is None else cache["mtp"]
-        h, mtp_cache = self.mtp(self.embed(next_ids), hidden, self.rope(positions), positions, mtp_cache)
+        h, mtp_cache = self.mtp(
+            self.embed(next_ids), hidden, self.rope(positions), positions, mtp_cache, slots
+        )
         if cache is not None:
             cache = {"layers": cache["layers"], "mtp": mtp_cache}
         return h, cache

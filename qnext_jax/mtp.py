@@ -31,7 +31,7 @@ class MultiTokenPredictor(nnx.Module):
         ])
         self.norm = RMSNorm(D, eps, dtype=dtype)
 
-    def __call__(self, embeds, hidden, rope, positions, cache):
+    def __call__(self, embeds, hidden, rope, positions, cache, slots=None):
         """embeds [B,T,D] of the next tokens, hidden [B,T,D] post-norm main-model states,
         cache: KVCache stacked over MTP layers [n, B, S, ...] or None.
         Returns (post-norm MTP hidden [B,T,D], new cache)."""
@@ -41,7 +41,7 @@ class MultiTokenPredictor(nnx.Module):
         new = []
         for i, layer in enumerate(self.layers):
             c = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
-            x, c, _ = layer(x, rope, positions, c)
+            x, c, _ = layer(x, rope, positions, c, slots)
             new.append(c)
         if cache is not None:
             cache = jax.tree.map(lambda *xs: jnp.stack(xs), *new)
