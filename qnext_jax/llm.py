@@ -1,0 +1,256 @@
+"""The offline API in the shape of vLLM's: `LLM(model).generate(prompts, SamplingParams(...))`
+and `LLM.chat(messages, ...)`. Also where the embedded default model is found."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+
+from qnext_jax.chat import ReasoningStream, render_chat, split_reasoning, starts_in_reasoning
+from qnext_jax.config import RuntimeOptions
+from qnext_jax.engine import Engine, EngineConfig, Request, check_memory
+from qnext_jax.sampling import SamplingParams
+
+log = logging.getLogger("qnext_jax")
+DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"
+ALLOW_LONG_ENV = "QNEXT_ALLOW_LONG_MAX_MODEL_LEN"
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: str | int | None = None
+    reasoning: str | None = None
+    content: str | None = None  # text without the reasoning (chat), else == text
+
+
+@dataclasses.dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_token_time: float | None
+    finish_time: float | None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    def decode_tokens_per_s(self, n_tokens: int) -> float | None:
+        if self.first_token_time is None or self.finish_time is None or n_tokens < 2:
+            return None
+        dt = self.finish_time - self.first_token_time
+        return (n_tokens - 1) / dt if dt > 0 else None
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics
+
+    # the first completion's fields, for convenience
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+    @property
+    def reasoning(self) -> str | None:
+        return self.outputs[0].reasoning
+
+
+class LLM:
+    """A model, its tokenizer and a generation engine.
+
+    model: an HF directory, a converted directory, or None for the embedded default."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike | None = None,
+        *,
+        tokenizer: str | os.PathLike | None = None,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 8,
+        tensor_parallel_size: int = 1,
+        speculative_config: dict | str | None = None,
+        seed: int = 0,
+        prefill_chunk: int = 512,
+        decode_block: int = 16,
+        gpu_memory_utilization: float = 0.9,
+        allow_long_max_model_len: bool | None = None,
+        options: RuntimeOptions | None = None,
+    ):
+        from transformers import AutoTokenizer
+
+        from qnext_jax.loading import from_pretrained
+
+        self.model_path = Path(model) if model is not None else default_model_dir()
+        if dtype == "auto":
+            dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+        if tensor_parallel_size != 1:
+            raise ValueError(
+                f"tensor_parallel_size={tensor_parallel_size}: only 1 is supported in this build"
+            )
+        if speculative_config is not None:
+            raise ValueError("speculative_config: MTP speculative decoding is not in this build")
+        self.model = from_pretrained(self.model_path, dtype, options=options, progress=False)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer or self.model_path, local_files_only=True
+        )
+        self.generation_config = _read_json(self.model_path / "generation_config.json")
+        cfg = self.model.config
+        max_model_len = max_model_len or min(cfg.max_position_embeddings, 4096)
+        allow_long = allow_long_max_model_len
+        if allow_long is None:
+            allow_long = os.environ.get(ALLOW_LONG_ENV, "0") not in ("0", "", "false")
+        if max_model_len > cfg.max_position_embeddings and not allow_long:
+            raise ValueError(
+                f"max_model_len={max_model_len} is above the checkpoint's max_position_embeddings="
+                f"{cfg.max_position_embeddings}; pass allow_long_max_model_len=True (or set "
+                f"{ALLOW_LONG_ENV}=1) if you know the model extrapolates"
+            )
+        self.engine_config = EngineConfig(
+            max_num_seqs=max_num_seqs, max_model_len=max_model_len, prefill_chunk=prefill_chunk,
+            decode_block=decode_block, seed=seed,
+        )
+        param_bytes = sum(x.nbytes for x in jax.tree.leaves(self.model))
+        check_memory(cfg, self.engine_config, param_bytes, utilization=gpu_memory_utilization)
+        self.eos_ids = eos_token_ids(self.generation_config, cfg, self.tokenizer)
+        self.engine = Engine(self.model, self.engine_config, eos_ids=self.eos_ids,
+                             detokenize=self._detokenize)
+
+    # ---- tokenizer helpers -----------------------------------------------------------------
+    def _detokenize(self, ids: list[int], params: SamplingParams) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty: at least one token is required")
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise ValueError("a token-id prompt must be a list of ints")
+        return list(prompt)
+
+    def default_params(self) -> SamplingParams:
+        return SamplingParams().resolved(self.generation_config)
+
+    # ---- generation ----------------------------------------------------------------------
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 *, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for a prompt (a string or a token-id list) or a list of them."""
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        )
+        prompts = [prompts] if single else list(prompts)
+        reqs = self._submit(prompts, sampling_params, [False] * len(prompts))
+        while self.engine.has_work():
+            self.engine.step()
+        return [self._output(r, p, in_reasoning=False, chat=False) for r, p in zip(reqs, prompts, strict=True)]
+
+    def chat(self, messages, sampling_params=None, *, chat_template_kwargs: dict | None = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """messages: one conversation (a list of {'role', 'content'}) or a list of them."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [render_chat(self.tokenizer, c, chat_template_kwargs) for c in convs]
+        opened = [starts_in_reasoning(p) for p in prompts]
+        reqs = self._submit(prompts, sampling_params, opened)
+        while self.engine.has_work():
+            self.engine.step()
+        return [self._output(r, p, in_reasoning=o, chat=True) for r, p, o in zip(reqs, prompts, opened, strict=True)]
+
+    def stream(self, prompt, sampling_params=None, *, chat_template_kwargs=None, chat: bool = False
+               ) -> Iterator[tuple[str, str, RequestOutput | None]]:
+        """Yield (reasoning_delta, content_delta, None) as tokens arrive; the last item carries
+        the final RequestOutput. Same tokens as generate()."""
+        text_prompt = render_chat(self.tokenizer, prompt, chat_template_kwargs) if chat else prompt
+        opened = chat and starts_in_reasoning(text_prompt)
+        (req,) = self._submit([text_prompt], sampling_params, [opened])
+        splitter = ReasoningStream(opened) if chat else None
+        sent = ""
+        while not req.finished:
+            self.engine.step()
+            text = self._final_text(req)
+            delta, sent = text[len(sent):], text
+            if delta:
+                r, c = splitter.feed(delta) if splitter else ("", delta)
+                yield r, c, None
+        r, c = splitter.feed("", final=True) if splitter else ("", "")
+        yield r, c, self._output(req, text_prompt, in_reasoning=opened, chat=chat)
+
+    def _submit(self, prompts, sampling_params, opened) -> list[Request]:
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts")
+            params = sampling_params
+        else:
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        params = [p.resolved(self.generation_config) for p in params]
+        ids = [self.encode(p) for p in prompts]
+        for i, p in zip(ids, params, strict=True):
+            self.engine.validate(i, p)  # all or nothing: no request is queued if one is bad
+        return [self.engine.add_request(i, p) for i, p in zip(ids, params, strict=True)]
+
+    def _final_text(self, req: Request) -> str:
+        if isinstance(req.stop_reason, str):
+            return req.text  # already cut at the stop string
+        ids = req.output_ids
+        if req.finish_reason == "stop" and not req.params.include_stop_str_in_output:
+            ids = ids[:-1]  # the EOS / stop token itself is not text
+        return self._detokenize(ids, req.params)
+
+    def _output(self, req: Request, prompt, *, in_reasoning: bool, chat: bool) -> RequestOutput:
+        text = self._final_text(req)
+        reasoning, content = split_reasoning(text, in_reasoning) if chat else (None, text)
+        comp = CompletionOutput(0, text, list(req.output_ids), req.finish_reason, req.stop_reason,
+                                reasoning, content)
+        metrics = RequestMetrics(req.arrival, req.first_token_time, req.finish_time or time.perf_counter())
+        return RequestOutput(req.request_id, prompt if isinstance(prompt, str) else None,
+                             req.prompt_ids, [comp], req.finished, metrics)
+
+
+def eos_token_ids(generation_config: dict, cfg, tokenizer) -> list[int]:
+    """Every EOS id: generation_config.json (may list several), config.json, the tokenizer."""
+    ids = []
+    for source in (generation_config.get("eos_token_id"), cfg.eos_token_id, tokenizer.eos_token_id):
+        if source is None:
+            continue
+        ids += list(source) if isinstance(source, (list, tuple)) else [source]
+    return list(dict.fromkeys(int(i) for i in ids))
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def default_model_dir() -> Path:
+    """The shipped demo checkpoint, or (until one exists) a random-weight model built once."""
+    if (DEMO_MODEL_DIR / "config.json").exists():
+        return DEMO_MODEL_DIR
+    from qnext_jax.random_model import random_demo_checkpoint
+
+    path = random_demo_checkpoint()
+    log.warning("no trained demo checkpoint in the package: using a random-weight Qwen3-Next at %s", path)
+    print(f"[qnext_jax] no model given and no trained demo checkpoint: using a small RANDOM-weight "
+          f"Qwen3-Next with the demo tokenizer ({path})", flush=True)
+    return path
