@@ -1,0 +1,128 @@
+"""Pallas gated delta rule kernels (chunked prefill, fused decode) vs the fp32 references.
+
+Small K/V and few heads keep the interpret-mode runs quick; the cases cover T around the chunk
+size (63, 64, 65), a multi-chunk T (200), T = 1, HV/H = 1 and 2, with and without an initial
+state, bf16 and fp32 inputs, and the segmented (parallel) state pass.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import pytest
+from conftest import INTERPRET, TOL, gdn_inputs, rel_err, run
+
+from pallas_kernels.gated_delta_rule import (
+    ChunkBlocks,
+    DecodeBlocks,
+    chunk_gated_delta_rule,
+    fused_recurrent_gated_delta_rule,
+    recurrent_gated_delta_rule,
+)
+
+K = V = 32
+SMALL = ChunkBlocks(block_v=16)
+
+
+def _ref(q, k, v, g, beta, s0, **kw):
+    f32 = lambda x: x.astype(jnp.float32)
+    return run(
+        recurrent_gated_delta_rule, f32(q), f32(k), f32(v), g, f32(beta), initial_state=s0,
+        use_qk_l2norm=True, **kw,
+    )
+
+
+@pytest.mark.parametrize(
+    "T, R, with_state, dtype, segments",
+    [
+        (1, 1, False, jnp.float32, 1),
+        (63, 2, True, jnp.bfloat16, 1),
+        (64, 1, True, jnp.float32, 1),
+        (65, 2, False, jnp.float32, 1),
+        (200, 2, True, jnp.bfloat16, 1),
+        (200, 1, False, jnp.float32, 1),
+        (200, 2, True, jnp.float32, 2),  # segmented state pass (affine maps composed)
+        (256, 1, True, jnp.bfloat16, 4),
+    ],
+)
+def test_chunk_matches_reference(T, R, with_state, dtype, segments):
+    q, k, v, g, beta, s0 = gdn_inputs(2, T, 2, R, K, V, dtype, seed=T + R, with_state=with_state)
+    blocks = ChunkBlocks(block_v=16, num_segments=segments)
+    o, st = run(
+        chunk_gated_delta_rule, q, k, v, g, beta, initial_state=s0, use_qk_l2norm=True, interpret=INTERPRET, blocks=blocks
+    )
+    o_ref, st_ref = _ref(q, k, v, g, beta, s0)
+    assert o.shape == v.shape and o.dtype == v.dtype
+    assert st.shape == (2, 2 * R, K, V) and st.dtype == jnp.float32
+    assert rel_err(o, o_ref) < TOL[dtype]
+    assert rel_err(st, st_ref) < TOL[dtype]
+
+
+def test_chunk_two_pieces_equal_one():
+    """Prefill in two pieces, state carried, equals one prefill of the whole sequence."""
+    q, k, v, g, beta, s0 = gdn_inputs(1, 130, 2, 2, K, V, jnp.float32, seed=7)
+    prefill = lambda sl, s: run(
+        chunk_gated_delta_rule, q[:, sl], k[:, sl], v[:, sl], g[:, sl], beta[:, sl], initial_state=s,
+        use_qk_l2norm=True, interpret=INTERPRET, blocks=SMALL,
+    )
+    o_all, s_all = prefill(slice(0, 130), s0)
+    o1, s1 = prefill(slice(0, 65), s0)
+    o2, s2 = prefill(slice(65, 130), s1)
+    assert rel_err(jnp.concatenate([o1, o2], axis=1), o_all) < TOL[jnp.float32]
+    assert rel_err(s2, s_all) < TOL[jnp.float32]
+
+
+@pytest.mark.parametrize(
+    "T, R, with_state, dtype",
+    [(1, 2, True, jnp.float32), (1, 1, False, jnp.bfloat16), (3, 1, True, jnp.bfloat16),
+     (8, 2, True, jnp.float32)],
+)
+def test_decode_matches_reference(T, R, with_state, dtype):
+    q, k, v, g, beta, s0 = gdn_inputs(3, T, 2, R, K, V, dtype, seed=10 + T, with_state=with_state)
+    o, st, all_s = run(
+        fused_recurrent_gated_delta_rule, q, k, v, g, beta, initial_state=s0, use_qk_l2norm=True, return_all_states=True,
+        interpret=INTERPRET, blocks=DecodeBlocks(block_v=16),
+    )
+    o_ref, st_ref, all_ref = _ref(q, k, v, g, beta, s0, return_all_states=True)
+    assert o.dtype == v.dtype and all_s.shape == (3, T, 2 * R, K, V)
+    # The decode kernel keeps everything in fp32 (no tensor-core products): only o's final
+    # rounding to the input dtype differs, so fp32 is checked at 1e-5 on every backend.
+    tol = 1e-5 if dtype == jnp.float32 else TOL[dtype]
+    assert rel_err(o, o_ref) < tol
+    assert rel_err(st, st_ref) < 1e-5
+    assert rel_err(all_s, all_ref) < 1e-5
+
+
+def test_decode_after_prefill_equals_longer_prefill():
+    """Prefill 70 tokens, then decode 1 + 4 tokens (rollback states too): equals a 75-token run."""
+    q, k, v, g, beta, s0 = gdn_inputs(2, 75, 2, 2, K, V, jnp.float32, seed=3)
+    cut = lambda a, b: (q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b])
+    o_full, s_full = run(
+        chunk_gated_delta_rule, *cut(0, 75), initial_state=s0, use_qk_l2norm=True, interpret=INTERPRET, blocks=SMALL
+    )
+    _, s = run(
+        chunk_gated_delta_rule, *cut(0, 70), initial_state=s0, use_qk_l2norm=True, interpret=INTERPRET, blocks=SMALL
+    )
+    dec = dict(use_qk_l2norm=True, interpret=INTERPRET, blocks=DecodeBlocks(block_v=16))
+    o1, s = run(fused_recurrent_gated_delta_rule, *cut(70, 71), initial_state=s, **dec)
+    o4, s, all_s = run(
+        fused_recurrent_gated_delta_rule, *cut(71, 75), initial_state=s, return_all_states=True, **dec
+    )
+    assert rel_err(jnp.concatenate([o1, o4], axis=1), o_full[:, 70:]) < TOL[jnp.float32]
+    assert rel_err(s, s_full) < TOL[jnp.float32]
+    assert rel_err(all_s[:, -1], s) < 1e-6  # the same state, written twice
+
+
+def test_contract_violations_raise():
+    q, k, v, g, beta, s0 = gdn_inputs(1, 8, 2, 2, K, V, jnp.float32)
+    kw = dict(interpret=INTERPRET)
+    for fn in (chunk_gated_delta_rule, fused_recurrent_gated_delta_rule):
+        with pytest.raises(ValueError, match="multiple"):  # HV=3 not a multiple of H=2
+            fn(q, k, v[:, :, :3], g[:, :, :3], beta[:, :, :3], **kw)
+        with pytest.raises(ValueError, match="rank"):
+            fn(q[0], k, v, g, beta, **kw)
+        with pytest.raises(ValueError, match="v must be"):  # mismatched T
+            fn(q, k, v[:, :4], g, beta, **kw)
+        with pytest.raises(ValueError, match="floating"):
+            fn(q, k, v, g, beta.astype(jnp.int32), **kw)
+        with pytest.raises(ValueError, match="initial_state"):
+            fn(q, k, v, g, beta, initial_state=s0[:, :, :4], **kw)
