@@ -40,16 +40,17 @@ class ChunkBlocks:
     chunk: int = 64
     block_v: int = 64
     num_segments: int | None = None
-    num_warps: int = 4
+    prep_warps: int = 4
+    state_warps: int = 4
     num_stages: int = 2
     min_programs: int = 256  # auto segments: split until B * HV * V/block_v * segments >= this
 
 
-def _compiler_params(blocks: ChunkBlocks):
+def _compiler_params(blocks: ChunkBlocks, num_warps: int):
     try:
         from jax.experimental.pallas import triton as plt
 
-        return plt.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+        return plt.CompilerParams(num_warps=num_warps, num_stages=blocks.num_stages)
     except (ImportError, AttributeError):  # pragma: no cover - older / newer jax
         return None
 
@@ -78,17 +79,26 @@ def _dot_tn(a, b):  # a^T b
     return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _prep_kernel(k_ref, v_ref, gam_ref, beta_ref, w_ref, u_ref, *, l2norm: bool):
-    # k_ref [C, K]  v_ref [C, V]  gam_ref, beta_ref [C] fp32  ->  w_ref [C, K], u_ref [C, V]
+def _prep_kernel(
+    q_ref, k_ref, v_ref, gam_ref, beta_ref, w_ref, u_ref, qd_ref, kd_ref, attn_ref,
+    *, scale: float, l2norm: bool,
+):
+    # q_ref, k_ref [C, K]  v_ref [C, V]  gam_ref, beta_ref [C] fp32
+    # -> w_ref, qd_ref, kd_ref [C, K], u_ref [C, V], attn_ref [C, C] (all in the operand dtype)
     c = k_ref.shape[0]
+    cdt = u_ref.dtype  # operand dtype of the tensor-core products
+    q = q_ref[...].astype(jnp.float32)
     k = k_ref[...].astype(jnp.float32)
     if l2norm:
-        k = _l2n(k)
-    kc = k.astype(v_ref.dtype)  # operand dtype of the tensor-core products
+        q, k = _l2n(q), _l2n(k)
+    q = q * scale
+    kc = k.astype(cdt)
     gam = gam_ref[...]
     beta = beta_ref[...]
+    g_last = jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1, gam, 0.0))
     strict = _tri(c, strict=True)
-    eye = jnp.where(_tri(c, False) & ~strict, 1.0, 0.0)
+    causal = _tri(c, strict=False)
+    eye = jnp.where(causal & ~strict, 1.0, 0.0)
     kk = jax.lax.dot_general(kc, kc, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     lower = jnp.where(strict, beta[:, None] * kk * _decay_matrix(gam, strict), 0.0)  # L [C, C]
     minv = eye - lower
@@ -100,109 +110,97 @@ def _prep_kernel(k_ref, v_ref, gam_ref, beta_ref, w_ref, u_ref, *, l2norm: bool)
         n *= 2
     vb = v_ref[...].astype(jnp.float32) * beta[:, None]
     kb = k * (beta * jnp.exp(gam))[:, None]
-    u_ref[...] = _dot(minv, vb).astype(u_ref.dtype)
-    w_ref[...] = _dot(minv, kb).astype(w_ref.dtype)
+    u_ref[...] = _dot(minv, vb).astype(cdt)
+    w_ref[...] = _dot(minv, kb).astype(cdt)
+    # Everything the sequential pass needs that does not depend on the state:
+    qk = jax.lax.dot_general(
+        q.astype(cdt), kc, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+    )
+    attn_ref[...] = (qk * _decay_matrix(gam, causal)).astype(cdt)  # tril(q k^T D)
+    qd_ref[...] = (q * jnp.exp(gam)[:, None]).astype(cdt)  # reads the chunk-start state
+    kd_ref[...] = (k * jnp.exp(g_last - gam)[:, None]).astype(cdt)  # writes the chunk-end state
 
 
 def _state_kernel(
-    q_ref, k_ref, w_ref, u_ref, gam_ref, h0_ref, *out_refs,
-    scale: float, l2norm: bool, chunk: int, n_v_blocks: int, write_o: bool,
+    qd_ref, kd_ref, w_ref, u_ref, attn_ref, gam_ref, h0_ref, *out_refs,
+    chunk: int, n_v_blocks: int, write_o: bool,
 ):
-    # q_ref, k_ref [Ts, K]  w_ref [Ts, K]  u_ref [Ts, BV]  gam_ref [Ts] fp32  h0_ref [K, BV] fp32
-    # out: o_ref [Ts, BV] (when write_o), ht_ref [K, BV] fp32
+    # qd_ref, kd_ref, w_ref [Ts, K]  u_ref [Ts, BV]  attn_ref [Ts, C]  gam_ref [Ts] fp32
+    # h0_ref [K, BV] fp32.  out: o_ref [Ts, BV] (when write_o), ht_ref [K, BV] fp32
     ht_ref = out_refs[-1]
     o_ref = out_refs[0] if write_o else None
     cdt = u_ref.dtype
-    n_chunks = q_ref.shape[0] // chunk
+    n_chunks = qd_ref.shape[0] // chunk
     # Programs past the real V blocks carry the transition columns: their u is zero.
     u_on = (pl.program_id(2) < n_v_blocks).astype(jnp.float32)
-    causal = _tri(chunk, strict=False)
-    last = jnp.where(jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1, 1.0, 0.0)
 
     def body(n, s):  # s [K, BV] fp32: state before chunk n
-        rows = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
-        gam = gam_ref[rows]  # [C]
-        g_last = jnp.sum(gam * last)
-        k = k_ref[rows, :].astype(jnp.float32)
-        if l2norm:
-            k = _l2n(k)
+        start = pl.multiple_of(n * chunk, chunk)
+        rows = pl.ds(start, chunk)
+        decay = jnp.exp(gam_ref[start + chunk - 1])  # whole-chunk decay
         s_c = s.astype(cdt)
-        v_new = u_ref[rows, :].astype(jnp.float32) * u_on - _dot(w_ref[rows, :].astype(cdt), s_c)
+        v_new = u_ref[rows, :].astype(jnp.float32) * u_on - _dot(w_ref[rows, :], s_c)
         v_c = v_new.astype(cdt)  # [C, BV]
         if write_o:
-            q = q_ref[rows, :].astype(jnp.float32)
-            if l2norm:
-                q = _l2n(q)
-            q = q * scale
-            qk = jax.lax.dot_general(
-                q.astype(cdt), k.astype(cdt), (((1,), (1,)), ((), ())),
-                preferred_element_type=jnp.float32,
-            )
-            attn = qk * _decay_matrix(gam, causal)  # [C, C]
-            o = _dot((q * jnp.exp(gam)[:, None]).astype(cdt), s_c) + _dot(attn.astype(cdt), v_c)
+            o = _dot(qd_ref[rows, :], s_c) + _dot(attn_ref[rows, :], v_c)
             o_ref[rows, :] = o.astype(o_ref.dtype)
-        k_dec = (k * jnp.exp(g_last - gam)[:, None]).astype(cdt)
-        return s * jnp.exp(g_last) + _dot_tn(k_dec, v_c)
+        return s * decay + _dot_tn(kd_ref[rows, :], v_c)
 
     ht_ref[...] = jax.lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(jnp.float32))
 
 
-def _prep(k, v, gam, beta, *, R, blocks, l2norm, interpret):
-    """-> w [B, HV, Tp, K], u [B, HV, Tp, V] in v's dtype."""
+def _prep(q, k, v, gam, beta, *, R, scale, blocks, l2norm, interpret):
+    """-> w, qd, kd [B, HV, Tp, K], u [B, HV, Tp, V], attn [B, HV, Tp, C] in v's dtype."""
     B, Tp, _, K = k.shape
     HV, V = v.shape[2], v.shape[3]
     C = blocks.chunk
-    kernel = functools.partial(_prep_kernel, l2norm=l2norm)
+    kernel = functools.partial(_prep_kernel, scale=scale, l2norm=l2norm)
+    per_head = lambda d: pl.BlockSpec((None, None, C, d), lambda b, h, n: (b, h, n, 0))
+    shape = lambda d: jax.ShapeDtypeStruct((B, HV, Tp, d), v.dtype)
     return pl.pallas_call(
         kernel,
         grid=(B, HV, Tp // C),
         in_specs=[
             pl.BlockSpec((None, C, None, K), lambda b, h, n: (b, n, h // R, 0)),
+            pl.BlockSpec((None, C, None, K), lambda b, h, n: (b, n, h // R, 0)),
             pl.BlockSpec((None, C, None, V), lambda b, h, n: (b, n, h, 0)),
             pl.BlockSpec((None, None, C), lambda b, h, n: (b, h, n)),
             pl.BlockSpec((None, None, C), lambda b, h, n: (b, h, n)),
         ],
-        out_specs=[
-            pl.BlockSpec((None, None, C, K), lambda b, h, n: (b, h, n, 0)),
-            pl.BlockSpec((None, None, C, V), lambda b, h, n: (b, h, n, 0)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((B, HV, Tp, K), v.dtype),
-            jax.ShapeDtypeStruct((B, HV, Tp, V), v.dtype),
-        ],
-        compiler_params=_compiler_params(blocks),
+        out_specs=[per_head(K), per_head(V), per_head(K), per_head(K), per_head(C)],
+        out_shape=[shape(K), shape(V), shape(K), shape(K), shape(C)],
+        compiler_params=_compiler_params(blocks, blocks.prep_warps),
         interpret=interpret,
         name="gdn_chunk_prep",
-    )(k, v, gam, beta)
+    )(q, k, v, gam, beta)
 
 
-def _state_pass(q, k, w, u, gam, h0, *, R, NS, scale, blocks, l2norm, write_o, o_dtype, interpret):
+def _state_pass(prep, gam, h0, *, NS, blocks, write_o, o_dtype, interpret):
     """Sequential pass over the chunks of each of NS segments.
 
     h0 [B*NS, HV, K, Vh] fp32 (Vh = V, or V + K with the transition columns). Returns
     (o [B, Tp, HV, V] or None, final [B*NS, HV, K, Vh] fp32)."""
-    B, Tp, _, K = q.shape
-    HV, V = u.shape[1], u.shape[3]
+    w, u, qd, kd, attn = prep
+    B, HV, Tp, K = w.shape
+    V, C = u.shape[3], attn.shape[3]
     Vh = h0.shape[-1]
     BV = blocks.block_v
     Ts = Tp // NS
     NV = V // BV
     grid = (B * NS, HV, Vh // BV)
 
-    def seq(i, h, j):  # time block of segment i % NS of batch i // NS
-        return i // NS, i % NS, h
-
     kernel = functools.partial(
-        _state_kernel, scale=scale, l2norm=l2norm, chunk=blocks.chunk, n_v_blocks=NV,
-        write_o=write_o,
+        _state_kernel, chunk=blocks.chunk, n_v_blocks=NV, write_o=write_o
     )
+    seg = lambda d: pl.BlockSpec((None, None, Ts, d), lambda i, h, j: (i // NS, h, i % NS, 0))
     in_specs = [
-        pl.BlockSpec((None, Ts, None, K), lambda i, h, j: (i // NS, i % NS, h // R, 0)),
-        pl.BlockSpec((None, Ts, None, K), lambda i, h, j: (i // NS, i % NS, h // R, 0)),
-        pl.BlockSpec((None, None, Ts, K), lambda i, h, j: (i // NS, h, i % NS, 0)),
+        seg(K),
+        seg(K),
+        seg(K),
         pl.BlockSpec(
             (None, None, Ts, BV), lambda i, h, j: (i // NS, h, i % NS, jnp.minimum(j, NV - 1))
         ),
+        seg(C),
         pl.BlockSpec((None, None, Ts), lambda i, h, j: (i // NS, h, i % NS)),
         pl.BlockSpec((None, None, K, BV), lambda i, h, j: (i, h, 0, j)),
     ]
@@ -219,10 +217,10 @@ def _state_pass(q, k, w, u, gam, h0, *, R, NS, scale, blocks, l2norm, write_o, o
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=_compiler_params(blocks),
+        compiler_params=_compiler_params(blocks, blocks.state_warps),
         interpret=interpret,
         name="gdn_chunk_state" if write_o else "gdn_chunk_transition",
-    )(q, k, w, u, gam, h0)
+    )(qd, kd, w, u, attn, gam, h0)
     return (outs[0], outs[1]) if write_o else (None, outs[0])
 
 
@@ -286,20 +284,22 @@ def chunk_gated_delta_rule(
     gam = jnp.cumsum(g.reshape(B, HV, Tp // C, C), axis=-1).reshape(B, HV, Tp)
     beta = pad_t(beta.astype(jnp.float32)).transpose(0, 2, 1)
 
-    w, u = _prep(k, v, gam, beta, R=R, blocks=blocks, l2norm=use_qk_l2norm, interpret=interpret)
+    prep = _prep(
+        q, k, v, gam, beta, R=R, scale=scale, blocks=blocks, l2norm=use_qk_l2norm,
+        interpret=interpret,
+    )
     if initial_state is None:
         s0 = jnp.zeros((B, HV, K, V), jnp.float32)
     else:
         s0 = initial_state.astype(jnp.float32)
-    common = dict(R=R, NS=NS, scale=scale, blocks=blocks, l2norm=use_qk_l2norm,
-                  o_dtype=out_dtype, interpret=interpret)
+    common = dict(NS=NS, blocks=blocks, o_dtype=out_dtype, interpret=interpret)
     if NS == 1:
-        o, final = _state_pass(q, k, w, u, gam, s0, write_o=True, **common)
+        o, final = _state_pass(prep, gam, s0, write_o=True, **common)
     else:
         # Pass 1: every segment from [0 | I] -> [Bs | P] (S_end = P S_start + Bs).
         eye = jnp.broadcast_to(jnp.eye(K, dtype=jnp.float32), (B * NS, HV, K, K))
         aug0 = jnp.concatenate([jnp.zeros((B * NS, HV, K, V), jnp.float32), eye], axis=-1)
-        _, aug = _state_pass(q, k, w, u, gam, aug0, write_o=False, **common)
+        _, aug = _state_pass(prep, gam, aug0, write_o=False, **common)
         aug = aug.reshape(B, NS, HV, K, V + K)
 
         def step(s, seg):  # s [B, HV, K, V]: state entering this segment
@@ -308,6 +308,6 @@ def chunk_gated_delta_rule(
 
         final, starts = jax.lax.scan(step, s0, jnp.moveaxis(aug, 1, 0))
         starts = jnp.moveaxis(starts, 0, 1).reshape(B * NS, HV, K, V)
-        o, _ = _state_pass(q, k, w, u, gam, starts, write_o=True, **common)
+        o, _ = _state_pass(prep, gam, starts, write_o=True, **common)
     o = o[:, :T]
     return o, (final if output_final_state else None)
