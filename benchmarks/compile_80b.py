@@ -54,8 +54,9 @@ def main(argv=None):
     ap.add_argument("--lower-only", action="store_true")
     args = ap.parse_args(argv)
     opts = RuntimeOptions(dtype=args.dtype)
-    print(f"jax {jax.__version__} on {jax.default_backend()} ({platform.processor() or platform.machine()}), "
-          f"B={args.batch} T={args.seq} dtype={args.dtype}")
+    cpu = platform.processor() or platform.machine()
+    shape = f"B={args.batch} T={args.seq} {args.dtype}"
+    print(f"jax {jax.__version__}, {jax.default_backend()} ({cpu}), {shape}")
     print(f"{'layers':>6} {'lower s':>8} {'compile s':>10}")
     for n in args.layers:
         cfg = QWEN3_NEXT_80B_A3B.replace(num_hidden_layers=n, layer_types=())

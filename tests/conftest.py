@@ -7,13 +7,12 @@ from __future__ import annotations
 import functools
 import json
 
+import hf_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-import hf_utils
 
 
 @functools.partial(jax.jit, static_argnums=0)

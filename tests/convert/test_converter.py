@@ -13,13 +13,13 @@ import sys
 import jax
 import numpy as np
 import pytest
+import qnext_convert
 from conftest import jax_logits
 from flax import nnx
+from qnext_convert import CheckpointError
 from safetensors.numpy import load_file, save_file
 
-import qnext_convert
 import qnext_jax
-from qnext_convert import CheckpointError
 from qnext_jax.config import Qwen3NextConfig
 
 
@@ -41,14 +41,18 @@ def assert_same_params(a, b):
     pa, pb = dict(fa), dict(fb)
     assert pa.keys() == pb.keys()
     for path in pa:
-        np.testing.assert_array_equal(np.asarray(pa[path][...]), np.asarray(pb[path][...]),
-                                      err_msg=str(path))
+        np.testing.assert_array_equal(
+            np.asarray(pa[path][...]), np.asarray(pb[path][...]), err_msg=str(path)
+        )
 
 
 # ---- checkpoint errors -------------------------------------------------------------------
 def test_missing_tensors_are_listed(base_checkpoint, tmp_path):
-    gone = ["model.layers.1.linear_attn.A_log", "model.layers.3.self_attn.k_norm.weight",
-            "model.layers.2.mlp.experts.5.down_proj.weight"]
+    gone = [
+        "model.layers.1.linear_attn.A_log",
+        "model.layers.3.self_attn.k_norm.weight",
+        "model.layers.2.mlp.experts.5.down_proj.weight",
+    ]
 
     def drop(t):
         for name in gone:
@@ -87,8 +91,9 @@ def test_extra_tensors_warn(base_checkpoint, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="qnext_convert"):
         model = load(directory)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any(all(name in w for name in extra) and "2 checkpoint tensor(s)" in w
-               for w in warnings), warnings
+    assert any(
+        all(name in w for name in extra) and "2 checkpoint tensor(s)" in w for w in warnings
+    ), warnings
     assert model is not None
 
 
@@ -136,9 +141,21 @@ def test_orbax_round_trip_cli(base_checkpoint, base_model, tmp_path):
     out = tmp_path / "converted"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, "-m", "qnext_convert", "--model", str(base_checkpoint[0]),
-         "--out", str(out), "--dtype", "float32"],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "qnext_convert",
+            "--model",
+            str(base_checkpoint[0]),
+            "--out",
+            str(out),
+            "--dtype",
+            "float32",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert qnext_convert.is_converted(out)

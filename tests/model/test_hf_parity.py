@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import copy
 
+import hf_utils
 import numpy as np
 import pytest
 from conftest import jax_logits, read_config, rel_err
 
-import hf_utils
 import qnext_jax
 
 FP32_TOL = 1e-4
@@ -38,14 +38,21 @@ def test_base_config(base_checkpoint, shape):
 
 CONFIGS = {
     # GQA 4/1 + GDN HV/H = 1 + tied embeddings
-    "gqa4_1_hv1_tied": dict(num_key_value_heads=1, linear_num_value_heads=2,
-                            tie_word_embeddings=True),
+    "gqa4_1_hv1_tied": dict(
+        num_key_value_heads=1, linear_num_value_heads=2, tie_word_embeddings=True
+    ),
     # no GQA (4/4); dense MLP at layer 0 (mlp_only_layers) and odd layers (decoder_sparse_step=2)
     "gqa4_4_dense_mlp": dict(num_key_value_heads=4, mlp_only_layers=[0], decoder_sparse_step=2),
     # YaRN: 70 positions > original_max_position_embeddings = 16, so the ramp matters
-    "yarn": dict(rope_parameters={"rope_type": "yarn", "factor": 4.0,
-                                  "original_max_position_embeddings": 16,
-                                  "rope_theta": 10000.0, "partial_rotary_factor": 0.25}),
+    "yarn": dict(
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.25,
+        }
+    ),
     # 8 layers: one segment scanned as 2 repeats of [GDN, GDN, GDN, attention]
     "eight_layers": dict(num_hidden_layers=8),
 }
@@ -86,7 +93,9 @@ def test_bf16_against_hf_bf16(checkpoints):
     e_hf = rel_err(ref16, ref32)
     e_ours32, e_ours16 = rel_err(ours, ref32), rel_err(ours, ref16)
     tol = max(e_hf, 2.0**-6)
-    print(f"\n[parity bf16] HF bf16 vs fp32 {e_hf:.2e}; ours bf16 vs HF fp32 {e_ours32:.2e}; "
-          f"ours bf16 vs HF bf16 {e_ours16:.2e}")
+    print(
+        f"\n[parity bf16] HF bf16 vs fp32 {e_hf:.2e}; ours bf16 vs HF fp32 {e_ours32:.2e}; "
+        f"ours bf16 vs HF bf16 {e_ours16:.2e}"
+    )
     assert e_ours32 <= 2 * tol
     assert e_ours16 <= 3 * tol

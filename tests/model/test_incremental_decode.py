@@ -24,8 +24,9 @@ def _step(graphdef, state, ids, positions, cache):
 def step(model, ids, positions, cache):
     """One cached forward: (logits fp32 numpy, new cache)."""
     graphdef, state = nnx.split(model)
-    logits, cache = _step(graphdef, state, jnp.asarray(ids, jnp.int32),
-                          jnp.asarray(positions, jnp.int32), cache)
+    logits, cache = _step(
+        graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(positions, jnp.int32), cache
+    )
     return np.asarray(logits), cache
 
 

@@ -1,12 +1,14 @@
-"""The MTP head: loads from `mtp.*` tensors and matches an independent numpy reference of spec §6:
-  x = fc([norm_e(embed(x_{t+1})) | norm_h(h_t)]);  x = full-attention MoE decoder layer(x)
-  logits = lm_head(norm(x))    (all norms (1 + w); embedding and lm_head shared)."""
+"""The MTP head loads from `mtp.*` tensors and matches an independent numpy reference of spec §6.
+
+x = fc([norm_e(embed(x_{t+1})) | norm_h(h_t)]), then one full-attention MoE decoder layer,
+then logits = lm_head(norm(x)); every norm is (1 + w); embedding and lm_head are shared."""
 
 from __future__ import annotations
 
 import functools
 import shutil
 
+import hf_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,6 @@ from conftest import read_config, rel_err
 from flax import nnx
 from safetensors.numpy import load_file
 
-import hf_utils
 import qnext_jax
 
 TOL = 1e-5  # fp32 vs a float64 reference, relative to the largest |value|
@@ -26,7 +27,9 @@ def mtp_checkpoint(base_checkpoint, tmp_path_factory):
     directory = tmp_path_factory.mktemp("mtp") / "ckpt"
     shutil.copytree(base_checkpoint[0], directory)
     hf_utils.add_mtp_tensors(directory, n_layers=1, seed=3)
-    tensors = {k: v.astype(np.float64) for k, v in load_file(directory / "model.safetensors").items()}
+    tensors = {
+        k: v.astype(np.float64) for k, v in load_file(directory / "model.safetensors").items()
+    }
     model = qnext_jax.from_pretrained(directory, dtype="float32", progress=False)
     return directory, tensors, model
 
@@ -41,10 +44,17 @@ def test_mtp_parameters_load(mtp_checkpoint, base_model):
     layer = mtp.layers[0]
     np.testing.assert_array_equal(layer.self_attn.q_proj.w[...], t[p + "self_attn.q_proj.weight"].T)
     E = read_config(mtp_checkpoint[0])["num_experts"]
-    gate_up = np.stack([
-        np.concatenate([t[p + f"mlp.experts.{e}.gate_proj.weight"],
-                        t[p + f"mlp.experts.{e}.up_proj.weight"]]).T for e in range(E)
-    ])
+    gate_up = np.stack(
+        [
+            np.concatenate(
+                [
+                    t[p + f"mlp.experts.{e}.gate_proj.weight"],
+                    t[p + f"mlp.experts.{e}.up_proj.weight"],
+                ]
+            ).T
+            for e in range(E)
+        ]
+    )
     np.testing.assert_array_equal(layer.mlp.gate_up[...], gate_up.astype(np.float32))
 
 
@@ -114,8 +124,9 @@ def mtp_ref(next_ids, hidden, positions, t, cfg):
     h = rms1p(hidden, t["mtp.pre_fc_norm_hidden.weight"])
     x = np.concatenate([e, h], -1) @ t["mtp.fc.weight"].T  # [embedding | hidden]
     p = "mtp.layers.0."
-    x = x + attention_ref(rms1p(x, t[p + "input_layernorm.weight"]), t, p + "self_attn.", cfg,
-                          positions)
+    x = x + attention_ref(
+        rms1p(x, t[p + "input_layernorm.weight"]), t, p + "self_attn.", cfg, positions
+    )
     x = x + moe_ref(rms1p(x, t[p + "post_attention_layernorm.weight"]), t, p + "mlp.", cfg)
     out = rms1p(x, t["mtp.norm.weight"])
     return out, out @ t["lm_head.weight"].T
@@ -132,15 +143,22 @@ def test_mtp_forward_matches_reference(mtp_checkpoint):
     directory, t, model = mtp_checkpoint
     cfg = read_config(directory)
     cfg.setdefault("rope_theta", cfg.get("rope_parameters", {}).get("rope_theta"))
-    cfg.setdefault("partial_rotary_factor", cfg.get("rope_parameters", {}).get("partial_rotary_factor"))
+    cfg.setdefault(
+        "partial_rotary_factor", cfg.get("rope_parameters", {}).get("partial_rotary_factor")
+    )
     B, T = 2, 12
     rng = np.random.default_rng(4)
     next_ids = rng.integers(0, cfg["vocab_size"], (B, T))
     hidden = rng.standard_normal((B, T, cfg["hidden_size"])).astype(np.float32)
     positions = np.broadcast_to(np.arange(T), (B, T))
     graphdef, state = nnx.split(model)
-    h, logits = _mtp(graphdef, state, jnp.asarray(next_ids, jnp.int32), jnp.asarray(hidden),
-                     jnp.asarray(positions, jnp.int32))
+    h, logits = _mtp(
+        graphdef,
+        state,
+        jnp.asarray(next_ids, jnp.int32),
+        jnp.asarray(hidden),
+        jnp.asarray(positions, jnp.int32),
+    )
     h_ref, logits_ref = mtp_ref(next_ids, hidden.astype(np.float64), positions, t, cfg)
     e_h, e_l = rel_err(np.asarray(h), h_ref), rel_err(np.asarray(logits), logits_ref)
     print(f"\n[mtp] hidden err {e_h:.2e}, logits err {e_l:.2e}")
