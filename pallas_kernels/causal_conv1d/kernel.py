@@ -1,0 +1,133 @@
+"""Causal depthwise conv1d (+ SiLU) as a Pallas (Triton backend) kernel, for prefill with an
+initial conv state and for the decode update (T <= 8 new tokens).
+
+One program owns `block_t` time rows x `block_c` channels. It loads the block_t + W - 1 input rows
+it needs one row at a time: rows before the sequence start come from the conv state, so the
+caller never concatenates state and input (no extra pass over x), and rows past T are never
+stored. The W taps are unrolled; the sum is fp32, as the causal_conv1d CUDA kernel does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.causal_conv1d.reference import validate_conv_inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvBlocks:
+    """block_t: time rows per program (prefill); block_c: channels per program (power of 2)."""
+
+    block_t: int = 16
+    block_c: int = 256
+    num_warps: int = 4
+
+
+def _conv_kernel(x_ref, w_ref, s0_ref, y_ref, *, block_t: int, activation: str | None):
+    # x_ref [T, BC]  w_ref [W, BC]  s0_ref [W-1, BC]  ->  y_ref [T, BC]
+    T = x_ref.shape[0]
+    W = w_ref.shape[0]
+    t0 = pl.program_id(1) * block_t
+    taps = [w_ref[j, :].astype(jnp.float32) for j in range(W)]
+    rows = []  # x_ext rows t0 - (W-1) .. t0 + block_t - 1, fp32 [BC] each
+    for r in range(block_t + W - 1):
+        t = t0 + (r - (W - 1))
+        from_x = x_ref[jnp.clip(t, 0, T - 1), :].astype(jnp.float32)
+        from_state = s0_ref[jnp.clip(t + W - 1, 0, W - 2), :].astype(jnp.float32)
+        rows.append(jnp.where(t >= 0, from_x, from_state))
+    for i in range(block_t):
+        y = taps[0] * rows[i]
+        for j in range(1, W):
+            y = y + taps[j] * rows[i + j]
+        if activation == "silu":
+            y = y * jax.nn.sigmoid(y)
+
+        @pl.when(t0 + i < T)
+        def _store(i=i, y=y):
+            y_ref[t0 + i, :] = y.astype(y_ref.dtype)
+
+
+def _conv_call(x, weight, state, *, activation, block_t, blocks: ConvBlocks, interpret):
+    B, T, C = x.shape
+    W = weight.shape[0]
+    BC = min(blocks.block_c, C)
+    if C % BC or BC & (BC - 1):
+        raise ValueError(f"channels C={C} must be a multiple of block_c={BC} (a power of 2)")
+    if W < 2:
+        raise ValueError(f"weight must have W >= 2 taps, got shape {tuple(weight.shape)}")
+    try:
+        from jax.experimental.pallas import triton as plt
+
+        params = plt.CompilerParams(num_warps=blocks.num_warps, num_stages=1)
+    except (ImportError, AttributeError):  # pragma: no cover
+        params = None
+    kernel = functools.partial(_conv_kernel, block_t=block_t, activation=activation)
+    return pl.pallas_call(
+        kernel,
+        grid=(B, pl.cdiv(T, block_t), C // BC),
+        in_specs=[
+            pl.BlockSpec((None, T, BC), lambda b, n, c: (b, 0, c)),
+            pl.BlockSpec((W, BC), lambda b, n, c: (0, c)),
+            pl.BlockSpec((None, W - 1, BC), lambda b, n, c: (b, 0, c)),
+        ],
+        out_specs=pl.BlockSpec((None, T, BC), lambda b, n, c: (b, 0, c)),
+        out_shape=jax.ShapeDtypeStruct((B, T, C), x.dtype),
+        compiler_params=params,
+        interpret=interpret,
+        name="causal_conv1d",
+    )(x, weight, state)
+
+
+def _final_state(x, state):
+    """The last W-1 rows of concat(state, x): [B, W-1, C] in x's dtype."""
+    Wm1 = state.shape[1]
+    if x.shape[1] >= Wm1:
+        return x[:, x.shape[1] - Wm1 :]
+    return jnp.concatenate([state.astype(x.dtype), x], axis=1)[:, -Wm1:]
+
+
+def _check_activation(activation):
+    if activation not in ("silu", None):
+        raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
+
+
+@functools.partial(jax.jit, static_argnames=("activation", "interpret", "blocks"))
+def causal_conv1d(
+    x, weight, initial_state=None, *, activation="silu", interpret=False,
+    blocks: ConvBlocks = ConvBlocks(),
+):
+    """Prefill conv. x [B, T, C], weight [W, C], initial_state [B, W-1, C] or None (zeros).
+
+    Returns (y [B, T, C] in x's dtype, final_state [B, W-1, C]: the last W-1 inputs)."""
+    validate_conv_inputs(x, weight, initial_state)
+    _check_activation(activation)
+    B, T, C = x.shape
+    W = weight.shape[0]
+    if initial_state is None:
+        initial_state = jnp.zeros((B, W - 1, C), x.dtype)
+    y = _conv_call(x, weight, initial_state, activation=activation,
+                   block_t=min(blocks.block_t, T), blocks=blocks, interpret=interpret)
+    return y, _final_state(x, initial_state)
+
+
+@functools.partial(jax.jit, static_argnames=("activation", "interpret", "blocks"))
+def causal_conv1d_update(
+    x, weight, state, *, activation="silu", interpret=False, blocks: ConvBlocks = ConvBlocks()
+):
+    """Decode update for T = 1..8 new tokens. x [B, T, C], weight [W, C], state [B, W-1, C].
+
+    Returns (y [B, T, C] in x's dtype, new_state [B, W-1, C])."""
+    validate_conv_inputs(x, weight, state)
+    _check_activation(activation)
+    if state is None:
+        raise ValueError("state must be given for the decode update")
+    if not 1 <= x.shape[1] <= 8:
+        raise ValueError(f"causal_conv1d_update takes 1..8 tokens, got x {tuple(x.shape)}")
+    y = _conv_call(x, weight, state, activation=activation, block_t=x.shape[1], blocks=blocks,
+                   interpret=interpret)
+    return y, _final_state(x, state)
