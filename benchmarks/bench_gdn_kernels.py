@@ -16,6 +16,7 @@ adds ~tens of us of host dispatch (jax) that do_bench does not count for fla's l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -61,8 +62,14 @@ def make_inputs(B, T, seed=0):
 
 def to_jax(q, k, v, g, beta, s0):
     bf = jnp.bfloat16
-    return (jnp.asarray(q, bf), jnp.asarray(k, bf), jnp.asarray(v, bf), jnp.asarray(g),
-            jnp.asarray(beta, bf), jnp.asarray(s0))
+    return (
+        jnp.asarray(q, bf),
+        jnp.asarray(k, bf),
+        jnp.asarray(v, bf),
+        jnp.asarray(g),
+        jnp.asarray(beta, bf),
+        jnp.asarray(s0),
+    )
 
 
 def to_torch(q, k, v, g, beta, s0):
@@ -72,8 +79,14 @@ def to_torch(q, k, v, g, beta, s0):
     t = lambda x, dt: torch.from_numpy(x).to("cuda", dt)
     qt = t(q, torch.bfloat16).repeat_interleave(r, dim=2).contiguous()
     kt = t(k, torch.bfloat16).repeat_interleave(r, dim=2).contiguous()
-    return (qt, kt, t(v, torch.bfloat16), t(g, torch.float32), t(beta, torch.bfloat16),
-            t(s0, torch.float32))
+    return (
+        qt,
+        kt,
+        t(v, torch.bfloat16),
+        t(g, torch.float32),
+        t(beta, torch.bfloat16),
+        t(s0, torch.float32),
+    )
 
 
 def rel(a, b):
@@ -86,31 +99,35 @@ def torch_np(x):
     return x.float().cpu().numpy()
 
 
-def time_ours(fn, s0, reps):
-    """fn(state) -> (o, state). Returns (device us per call, wall us per single call)."""
+def time_ours(fn, args, s0, reps, wall=True):
+    """fn(args, state) -> (o, state). Returns (device us per call, wall us per single call).
+
+    Arrays go in as arguments (closing over them would make XLA constant-fold the wrapper)."""
 
     @jax.jit
-    def many(s):
+    def many(a, s):
         acc = jnp.float32(0)
         for _ in range(reps):
-            o, s = fn(s)
-            acc = acc + o[0, 0, 0, 0].astype(jnp.float32)
+            o, s = fn(a, s)
+            acc = acc + o.reshape(-1)[0].astype(jnp.float32)
         return acc, s
 
-    one = jax.jit(fn)
-    jax.block_until_ready(many(s0))
-    jax.block_until_ready(one(s0))
+    jax.block_until_ready(many(args, s0))
     dev = []
     for _ in range(5):
         t0 = time.perf_counter()
-        jax.block_until_ready(many(s0))
+        jax.block_until_ready(many(args, s0))
         dev.append((time.perf_counter() - t0) / reps)
-    wall = []
-    for _ in range(20):
-        t0 = time.perf_counter()
-        jax.block_until_ready(one(s0))
-        wall.append(time.perf_counter() - t0)
-    return statistics.median(dev) * 1e6, statistics.median(wall) * 1e6
+    walls = [float("nan")]
+    if wall:
+        one = jax.jit(fn)
+        jax.block_until_ready(one(args, s0))
+        walls = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            jax.block_until_ready(one(args, s0))
+            walls.append(time.perf_counter() - t0)
+    return statistics.median(dev) * 1e6, statistics.median(walls) * 1e6
 
 
 def time_fla(fn):
@@ -122,8 +139,13 @@ def time_fla(fn):
 def prefill_floor_us(B, T):
     nbytes = B * T * (2 * H * K * 2 + 2 * HV * V * 2 + 2 * HV * 4)  # q,k,v,o bf16; g,beta
     chunks = B * HV * T / 64
-    flops = chunks * (2 * 64 * 64 * K * 2 + 2 * 64 * 64 * 64 * 10 + 2 * 64 * 64 * (K + V)
-                      + 3 * 2 * 64 * K * V + 2 * 64 * 64 * V)
+    flops = chunks * (
+        2 * 64 * 64 * K * 2
+        + 2 * 64 * 64 * 64 * 10
+        + 2 * 64 * 64 * (K + V)
+        + 3 * 2 * 64 * K * V
+        + 2 * 64 * 64 * V
+    )
     return max(nbytes / HBM_BPS, flops / MMA_FLOPS) * 1e6
 
 
@@ -140,41 +162,61 @@ def bench_prefill(B, T, rows, log, blocks_list, ref_check):
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
 
         qt, kt, vt, gt, bt, st = to_torch(*np_in)
-        f = lambda: fla_chunk(qt, kt, vt, gt, bt, initial_state=st, output_final_state=True,
-                              use_qk_l2norm_in_kernel=True)
+        f = lambda: fla_chunk(
+            qt,
+            kt,
+            vt,
+            gt,
+            bt,
+            initial_state=st,
+            output_final_state=True,
+            use_qk_l2norm_in_kernel=True,
+        )
         o_fla = torch_np(f()[0])
         fla_us = time_fla(f)
-        del qt, kt, vt
+        log(f"  fla prefill B={B} T={T}: {fla_us:.1f} us")
         torch.cuda.empty_cache()
     except Exception:
         log(traceback.format_exc())
     best = None
     for blocks in blocks_list:
         try:
-            fn = lambda s, blocks=blocks: chunk_gated_delta_rule(
-                q, k, v, g, beta, initial_state=s, use_qk_l2norm=True, blocks=blocks, interpret=DRY)
-            dev, wall = time_ours(fn, s0, reps=5)
+            fn = lambda a, s, blocks=blocks: chunk_gated_delta_rule(
+                *a, initial_state=s, use_qk_l2norm=True, blocks=blocks, interpret=DRY
+            )
+            dev, wall = time_ours(fn, (q, k, v, g, beta), s0, reps=3, wall=len(blocks_list) == 1)
             log(f"  prefill B={B} T={T} {blocks}: dev {dev:.1f} us, call {wall:.1f} us")
             if best is None or dev < best[0]:
                 best = (dev, wall, blocks)
         except Exception:
             log(f"  prefill B={B} T={T} {blocks}: FAILED\n" + traceback.format_exc())
     if best is None:
-        rows.append((f"prefill B={B} T={T}", float("nan"), float("nan"), fla_us,
-                     prefill_floor_us(B, T), "failed"))
+        rows.append(
+            (
+                f"prefill B={B} T={T}",
+                float("nan"),
+                float("nan"),
+                fla_us,
+                prefill_floor_us(B, T),
+                "failed",
+            )
+        )
         return
-    o, st_ours = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0, use_qk_l2norm=True,
-                                        blocks=best[2], interpret=DRY)
+    o, st_ours = chunk_gated_delta_rule(
+        q, k, v, g, beta, initial_state=s0, use_qk_l2norm=True, blocks=best[2], interpret=DRY
+    )
     note = f"ns={best[2].num_segments} bv={best[2].block_v}"
     if o_fla is not None:
         note += f" | o vs fla {rel(o, o_fla):.1e}"
     if ref_check:
-        o_r, s_r = jax.jit(lambda: chunk_gated_delta_rule_ref(
-            q, k, v, g, beta, initial_state=s0, use_qk_l2norm=True))()
+        o_r, s_r = jax.jit(
+            lambda *a: chunk_gated_delta_rule_ref(*a[:5], initial_state=a[5], use_qk_l2norm=True)
+        )(q, k, v, g, beta, s0)
         note += f" | vs fp32 ref: o {rel(o, o_r):.1e} state {rel(st_ours, s_r):.1e}"
         if o_fla is not None:
             note += f" (fla o {rel(o_fla, o_r):.1e})"
     rows.append((f"prefill B={B} T={T}", best[0], best[1], fla_us, prefill_floor_us(B, T), note))
+    return best[2]
 
 
 def bench_decode(B, T, rows, log, blocks_list):
@@ -185,30 +227,52 @@ def bench_decode(B, T, rows, log, blocks_list):
         from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_rec
 
         qt, kt, vt, gt, bt, st = to_torch(*np_in)
-        f = lambda: fla_rec(qt, kt, vt, gt, bt, initial_state=st, output_final_state=True,
-                            use_qk_l2norm_in_kernel=True)
+        # keywords: fla's fused_recurrent takes (q, k, v, g, gk, gv, beta, ...)
+        f = lambda: fla_rec(
+            qt,
+            kt,
+            vt,
+            g=gt,
+            beta=bt,
+            initial_state=st,
+            output_final_state=True,
+            use_qk_l2norm_in_kernel=True,
+        )
         o_fla = torch_np(f()[0])
         fla_us = time_fla(f)
+        log(f"  fla decode B={B} T={T}: {fla_us:.1f} us")
     except Exception:
         log(traceback.format_exc())
     best = None
     for blocks in blocks_list:
         try:
-            fn = lambda s, blocks=blocks: fused_recurrent_gated_delta_rule(
-                q, k, v, g, beta, initial_state=s, use_qk_l2norm=True, blocks=blocks, interpret=DRY)
-            dev, wall = time_ours(fn, s0, reps=20)
-            log(f"  decode B={B} T={T} {blocks}: dev {dev:.1f} us, call {wall:.1f} us, "
-                f"{2 * B * HV * K * V * 4 / dev / 1e6:.2f} TB/s")
+            fn = lambda a, s, blocks=blocks: fused_recurrent_gated_delta_rule(
+                *a, initial_state=s, use_qk_l2norm=True, blocks=blocks, interpret=DRY
+            )
+            dev, wall = time_ours(fn, (q, k, v, g, beta), s0, reps=20, wall=B == 1)
+            log(
+                f"  decode B={B} T={T} {blocks}: dev {dev:.1f} us, call {wall:.1f} us, "
+                f"{2 * B * HV * K * V * 4 / dev / 1e6:.2f} TB/s"
+            )
             if best is None or dev < best[0]:
                 best = (dev, wall, blocks)
         except Exception:
             log(f"  decode B={B} {blocks}: FAILED\n" + traceback.format_exc())
     if best is None:
-        rows.append((f"decode B={B} T={T}", float("nan"), float("nan"), fla_us,
-                     decode_floor_us(B), "failed"))
+        rows.append(
+            (
+                f"decode B={B} T={T}",
+                float("nan"),
+                float("nan"),
+                fla_us,
+                decode_floor_us(B),
+                "failed",
+            )
+        )
         return
-    o, s = fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=s0,
-                                            use_qk_l2norm=True, blocks=best[2], interpret=DRY)
+    o, s = fused_recurrent_gated_delta_rule(
+        q, k, v, g, beta, initial_state=s0, use_qk_l2norm=True, blocks=best[2], interpret=DRY
+    )
     o_r, s_r = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=s0, use_qk_l2norm=True)
     tbs = 2 * B * HV * K * V * 4 / best[0] / 1e6
     note = f"bv={best[2].block_v} {tbs:.2f} TB/s (fla {2 * B * HV * K * V * 4 / fla_us / 1e6:.2f})"
@@ -216,6 +280,48 @@ def bench_decode(B, T, rows, log, blocks_list):
         note += f" | o vs fla {rel(o, o_fla):.1e}"
     note += f" | vs fp32 ref: o {rel(o, o_r):.1e} state {rel(s, s_r):.1e}"
     rows.append((f"decode B={B} T={T}", best[0], best[1], fla_us, decode_floor_us(B), note))
+    return best[2]
+
+
+def bench_conv(B, T, rows, log):
+    """Our conv kernel vs the jitted jnp reference (XLA fuses it), conv_dim 8192, W=4, bf16."""
+    from pallas_kernels.causal_conv1d import causal_conv1d, causal_conv1d_ref, causal_conv1d_update
+
+    Cc = 64 if DRY else 8192
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((B, T, Cc)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((4, Cc)), jnp.bfloat16)
+    s0 = jnp.asarray(rng.standard_normal((B, 3, Cc)), jnp.bfloat16)
+    ours = causal_conv1d_update if T <= 8 else causal_conv1d
+    try:
+        fo = lambda a, s: ours(a, w, s, interpret=DRY)
+        fr = lambda a, s: causal_conv1d_ref(a, w, s)
+        # Each call must differ from the last (else XLA merges the identical pure calls), and the
+        # whole of y must be used (else XLA computes only the element that is read).
+        chain = lambda f: (
+            lambda a, s: (lambda y, st: (y, (st + y[:, -3:].astype(st.dtype)).astype(st.dtype)))(
+                *f(a[0] + s[:, :1], s)
+            )
+        )
+        sumy = lambda f: (
+            lambda a, s: (lambda y, st: (jnp.sum(y, axis=1, keepdims=True), st))(*chain(f)(a, s))
+        )
+        dev, _ = time_ours(sumy(fo), (x,), s0, reps=10, wall=False)
+        ref, _ = time_ours(sumy(fr), (x,), s0, reps=10, wall=False)
+        err = rel(fo(x, s0)[0], np.asarray(fr(x, s0)[0], np.float32))
+        floor = 2 * x.size * 2 / HBM_BPS * 1e6
+        rows.append(
+            (
+                f"conv1d B={B} T={T} (vs XLA jnp)",
+                dev,
+                float("nan"),
+                ref,
+                floor,
+                f"rel err vs ref {err:.1e}; 'fla' column = XLA reference",
+            )
+        )
+    except Exception:
+        log(f"  conv B={B} T={T}: FAILED\n" + traceback.format_exc())
 
 
 def main():
@@ -241,25 +347,45 @@ def main():
     except Exception:
         log("fla not importable:\n" + traceback.format_exc())
     rows = []
-    if args.sweep:
-        pre = [ChunkBlocks(num_segments=ns, block_v=bv) for bv in (64, 32) for ns in (1, 2, 4, 8)]
-        dec = [DecodeBlocks(block_v=bv) for bv in (16, 32, 64)]
-        if DRY:
-            pre, dec = [ChunkBlocks(block_v=16, num_segments=n) for n in (1, 2)], dec[:1]
+    R = dataclasses.replace
+    if args.sweep:  # tuned on the first case of each kind, then reused
+        pre = [
+            ChunkBlocks(num_segments=2),
+            ChunkBlocks(num_segments=2, state_warps=8),
+            ChunkBlocks(num_segments=4, state_warps=8),
+            ChunkBlocks(num_segments=2, state_warps=8, prep_warps=8),
+            ChunkBlocks(num_segments=1),
+        ]
+        dec1 = [DecodeBlocks(block_v=32), DecodeBlocks(block_v=16, num_warps=2)]
+        dec = [
+            DecodeBlocks(block_v=bv, num_warps=w)
+            for bv, w in ((32, 4), (64, 4), (128, 8), (128, 4))
+        ]
     else:
-        pre, dec = [ChunkBlocks()], [DecodeBlocks()]
-    cases = [(1, 8192)] if args.quick else [(1, 8192), (1, 32768), (4, 8192)]
+        pre, dec1, dec = [ChunkBlocks()], [DecodeBlocks()], [DecodeBlocks()]
     if DRY:
-        cases = [(1, 256)]
-    for B, T in cases:
-        bench_prefill(B, T, rows, log, pre, ref_check=True)
-    for B in (1, 64) if args.quick else (1, 64, 256):
-        bench_decode(B, 1, rows, log, dec)
+        pre = [ChunkBlocks(block_v=16, num_segments=n) for n in (1, 2)]
+        dec1 = dec = [DecodeBlocks(block_v=16)]
+    T0 = 256 if DRY else 8192
+    best = bench_prefill(1, T0, rows, log, pre, ref_check=True) or ChunkBlocks()
+    if not args.quick:
+        ns = best.num_segments or 1
+        bench_prefill(1, 4 * T0, rows, log, [best, R(best, num_segments=2 * ns)], ref_check=True)
+        bench_prefill(4, T0, rows, log, [R(best, num_segments=None)], ref_check=True)
+    bench_decode(1, 1, rows, log, dec1)
+    best = bench_decode(64, 1, rows, log, dec) or DecodeBlocks()
+    if not args.quick:
+        bench_decode(256, 1, rows, log, [best])
+        bench_decode(64, 4, rows, log, [best])  # speculative verify: 4 tokens per sequence
+    bench_conv(1, 256 if DRY else 8192, rows, log)
+    bench_conv(64, 1, rows, log)
     log("\n| case | ours dev (us) | ours call (us) | fla (us) | ours/fla | floor (us) | notes |")
     log("|---|---|---|---|---|---|---|")
     for name, dev, wall, fla_us, floor, note in rows:
-        log(f"| {name} | {dev:.1f} | {wall:.1f} | {fla_us:.1f} | {dev / fla_us:.2f} | "
-            f"{floor:.1f} | {note} |")
+        log(
+            f"| {name} | {dev:.1f} | {wall:.1f} | {fla_us:.1f} | {dev / fla_us:.2f} | "
+            f"{floor:.1f} | {note} |"
+        )
 
 
 if __name__ == "__main__":

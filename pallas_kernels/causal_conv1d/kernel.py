@@ -98,7 +98,12 @@ def _check_activation(activation):
 
 @functools.partial(jax.jit, static_argnames=("activation", "interpret", "blocks"))
 def causal_conv1d(
-    x, weight, initial_state=None, *, activation="silu", interpret=False,
+    x,
+    weight,
+    initial_state=None,
+    *,
+    activation="silu",
+    interpret=False,
     blocks: ConvBlocks = ConvBlocks(),
 ):
     """Prefill conv. x [B, T, C], weight [W, C], initial_state [B, W-1, C] or None (zeros).
@@ -110,8 +115,15 @@ def causal_conv1d(
     W = weight.shape[0]
     if initial_state is None:
         initial_state = jnp.zeros((B, W - 1, C), x.dtype)
-    y = _conv_call(x, weight, initial_state, activation=activation,
-                   block_t=min(blocks.block_t, T), blocks=blocks, interpret=interpret)
+    y = _conv_call(
+        x,
+        weight,
+        initial_state,
+        activation=activation,
+        block_t=min(blocks.block_t, T),
+        blocks=blocks,
+        interpret=interpret,
+    )
     return y, _final_state(x, initial_state)
 
 
@@ -128,6 +140,13 @@ def causal_conv1d_update(
         raise ValueError("state must be given for the decode update")
     if not 1 <= x.shape[1] <= 8:
         raise ValueError(f"causal_conv1d_update takes 1..8 tokens, got x {tuple(x.shape)}")
-    y = _conv_call(x, weight, state, activation=activation, block_t=x.shape[1], blocks=blocks,
-                   interpret=interpret)
+    y = _conv_call(
+        x,
+        weight,
+        state,
+        activation=activation,
+        block_t=x.shape[1],
+        blocks=blocks,
+        interpret=interpret,
+    )
     return y, _final_state(x, state)

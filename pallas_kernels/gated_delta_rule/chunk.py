@@ -43,7 +43,8 @@ class ChunkBlocks:
     prep_warps: int = 4
     state_warps: int = 4
     num_stages: int = 2
-    min_programs: int = 256  # auto segments: split until B * HV * V/block_v * segments >= this
+    max_programs: int = 132  # auto segments: one wave of the H200's 132 SMs ...
+    min_chunks: int = 256  # ... and at least this many chunks per segment
 
 
 def _compiler_params(blocks: ChunkBlocks, num_warps: int):
@@ -80,8 +81,19 @@ def _dot_tn(a, b):  # a^T b
 
 
 def _prep_kernel(
-    q_ref, k_ref, v_ref, gam_ref, beta_ref, w_ref, u_ref, qd_ref, kd_ref, attn_ref,
-    *, scale: float, l2norm: bool,
+    q_ref,
+    k_ref,
+    v_ref,
+    gam_ref,
+    beta_ref,
+    w_ref,
+    u_ref,
+    qd_ref,
+    kd_ref,
+    attn_ref,
+    *,
+    scale: float,
+    l2norm: bool,
 ):
     # q_ref, k_ref [C, K]  v_ref [C, V]  gam_ref, beta_ref [C] fp32
     # -> w_ref, qd_ref, kd_ref [C, K], u_ref [C, V], attn_ref [C, C] (all in the operand dtype)
@@ -122,8 +134,17 @@ def _prep_kernel(
 
 
 def _state_kernel(
-    qd_ref, kd_ref, w_ref, u_ref, attn_ref, gam_ref, h0_ref, *out_refs,
-    chunk: int, n_v_blocks: int, write_o: bool,
+    qd_ref,
+    kd_ref,
+    w_ref,
+    u_ref,
+    attn_ref,
+    gam_ref,
+    h0_ref,
+    *out_refs,
+    chunk: int,
+    n_v_blocks: int,
+    write_o: bool,
 ):
     # qd_ref, kd_ref, w_ref [Ts, K]  u_ref [Ts, BV]  attn_ref [Ts, C]  gam_ref [Ts] fp32
     # h0_ref [K, BV] fp32.  out: o_ref [Ts, BV] (when write_o), ht_ref [K, BV] fp32
@@ -189,9 +210,7 @@ def _state_pass(prep, gam, h0, *, NS, blocks, write_o, o_dtype, interpret):
     NV = V // BV
     grid = (B * NS, HV, Vh // BV)
 
-    kernel = functools.partial(
-        _state_kernel, chunk=blocks.chunk, n_v_blocks=NV, write_o=write_o
-    )
+    kernel = functools.partial(_state_kernel, chunk=blocks.chunk, n_v_blocks=NV, write_o=write_o)
     seg = lambda d: pl.BlockSpec((None, None, Ts, d), lambda i, h, j: (i // NS, h, i % NS, 0))
     in_specs = [
         seg(K),
@@ -225,10 +244,14 @@ def _state_pass(prep, gam, h0, *, NS, blocks, write_o, o_dtype, interpret):
 
 
 def _num_segments(B, HV, V, N, blocks: ChunkBlocks) -> int:
+    """Segments double the work of the state pass (pass 1 also carries P [K, K]) to gain
+    parallelism, so split only while the programs fill less than one wave of SMs and each
+    segment keeps min_chunks_per_segment chunks. H200 (benchmarks/RESULTS.md): B=1 T=8192
+    (128 chunks) is fastest unsplit, B=1 T=32768 with 2 segments (1.53 vs 1.88 ms)."""
     if blocks.num_segments is not None:
         return max(1, min(blocks.num_segments, N))
     ns, programs = 1, B * HV * (V // blocks.block_v)
-    while programs * ns < blocks.min_programs and 2 * ns <= N // 4:  # >= 4 chunks a segment
+    while programs * ns * 2 <= blocks.max_programs and N // (2 * ns) >= blocks.min_chunks:
         ns *= 2
     return ns
 
@@ -248,8 +271,18 @@ def _check_blocks(K, V, blocks: ChunkBlocks):
     static_argnames=("scale", "output_final_state", "use_qk_l2norm", "interpret", "blocks"),
 )
 def chunk_gated_delta_rule(
-    q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=True,
-    use_qk_l2norm=False, interpret=False, blocks: ChunkBlocks = ChunkBlocks(),
+    q,
+    k,
+    v,
+    g,
+    beta,
+    *,
+    scale=None,
+    initial_state=None,
+    output_final_state=True,
+    use_qk_l2norm=False,
+    interpret=False,
+    blocks: ChunkBlocks = ChunkBlocks(),
 ):
     """Chunked gated delta rule (prefill), Pallas kernels.
 
@@ -285,7 +318,15 @@ def chunk_gated_delta_rule(
     beta = pad_t(beta.astype(jnp.float32)).transpose(0, 2, 1)
 
     prep = _prep(
-        q, k, v, gam, beta, R=R, scale=scale, blocks=blocks, l2norm=use_qk_l2norm,
+        q,
+        k,
+        v,
+        gam,
+        beta,
+        R=R,
+        scale=scale,
+        blocks=blocks,
+        l2norm=use_qk_l2norm,
         interpret=interpret,
     )
     if initial_state is None:

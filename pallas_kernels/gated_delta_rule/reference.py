@@ -36,7 +36,9 @@ def validate_inputs(q, k, v, g, beta, initial_state=None) -> tuple[int, int]:
         raise ValueError(f"q and k must have the same shape, got q {q.shape} and k {k.shape}")
     B, T, H, K = q.shape
     if v.shape[:2] != (B, T):
-        raise ValueError(f"v must be [B={B}, T={T}, HV, V], got {tuple(v.shape)} (q {tuple(q.shape)})")
+        raise ValueError(
+            f"v must be [B={B}, T={T}, HV, V], got {tuple(v.shape)} (q {tuple(q.shape)})"
+        )
     HV = v.shape[2]
     if HV % H:
         raise ValueError(f"v heads HV={HV} must be a multiple of q/k heads H={H} (v {v.shape})")
@@ -75,8 +77,17 @@ def _prepare(q, k, v, g, beta, scale, initial_state, use_qk_l2norm):
 
 
 def recurrent_gated_delta_rule(
-    q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=True,
-    use_qk_l2norm=False, return_all_states=False,
+    q,
+    k,
+    v,
+    g,
+    beta,
+    *,
+    scale=None,
+    initial_state=None,
+    output_final_state=True,
+    use_qk_l2norm=False,
+    return_all_states=False,
 ):
     """Token-by-token recurrence. Returns (o [B,T,HV,V] in v.dtype, final state or None),
     plus the state after every position [B, T, HV, K, V] when return_all_states."""
@@ -104,8 +115,17 @@ def recurrent_gated_delta_rule(
 
 
 def chunk_gated_delta_rule_ref(
-    q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=True,
-    use_qk_l2norm=False, chunk_size=64,
+    q,
+    k,
+    v,
+    g,
+    beta,
+    *,
+    scale=None,
+    initial_state=None,
+    output_final_state=True,
+    use_qk_l2norm=False,
+    chunk_size=64,
 ):
     """Chunked WY form (the algorithm the prefill kernels implement), fp32 at HIGHEST precision.
 

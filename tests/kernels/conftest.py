@@ -6,7 +6,6 @@ QNEXT_KERNELS_NATIVE=1 to run the same tests through the compiled Triton kernels
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax

@@ -31,8 +31,14 @@ def _inputs(B, T, dtype, seed, with_state=True):
 
 @pytest.mark.parametrize(
     "T, with_state, dtype",
-    [(1, True, jnp.float32), (2, False, jnp.bfloat16), (63, True, jnp.bfloat16),
-     (64, False, jnp.float32), (65, True, jnp.float32), (200, True, jnp.bfloat16)],
+    [
+        (1, True, jnp.float32),
+        (2, False, jnp.bfloat16),
+        (63, True, jnp.bfloat16),
+        (64, False, jnp.float32),
+        (65, True, jnp.float32),
+        (200, True, jnp.bfloat16),
+    ],
 )
 def test_prefill_matches_reference(T, with_state, dtype):
     x, w, s0 = _inputs(2, T, dtype, seed=T, with_state=with_state)

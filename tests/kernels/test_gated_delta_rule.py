@@ -26,8 +26,15 @@ SMALL = ChunkBlocks(block_v=16)
 def _ref(q, k, v, g, beta, s0, **kw):
     f32 = lambda x: x.astype(jnp.float32)
     return run(
-        recurrent_gated_delta_rule, f32(q), f32(k), f32(v), g, f32(beta), initial_state=s0,
-        use_qk_l2norm=True, **kw,
+        recurrent_gated_delta_rule,
+        f32(q),
+        f32(k),
+        f32(v),
+        g,
+        f32(beta),
+        initial_state=s0,
+        use_qk_l2norm=True,
+        **kw,
     )
 
 
@@ -48,7 +55,16 @@ def test_chunk_matches_reference(T, R, with_state, dtype, segments):
     q, k, v, g, beta, s0 = gdn_inputs(2, T, 2, R, K, V, dtype, seed=T + R, with_state=with_state)
     blocks = ChunkBlocks(block_v=16, num_segments=segments)
     o, st = run(
-        chunk_gated_delta_rule, q, k, v, g, beta, initial_state=s0, use_qk_l2norm=True, interpret=INTERPRET, blocks=blocks
+        chunk_gated_delta_rule,
+        q,
+        k,
+        v,
+        g,
+        beta,
+        initial_state=s0,
+        use_qk_l2norm=True,
+        interpret=INTERPRET,
+        blocks=blocks,
     )
     o_ref, st_ref = _ref(q, k, v, g, beta, s0)
     assert o.shape == v.shape and o.dtype == v.dtype
@@ -61,8 +77,16 @@ def test_chunk_two_pieces_equal_one():
     """Prefill in two pieces, state carried, equals one prefill of the whole sequence."""
     q, k, v, g, beta, s0 = gdn_inputs(1, 130, 2, 2, K, V, jnp.float32, seed=7)
     prefill = lambda sl, s: run(
-        chunk_gated_delta_rule, q[:, sl], k[:, sl], v[:, sl], g[:, sl], beta[:, sl], initial_state=s,
-        use_qk_l2norm=True, interpret=INTERPRET, blocks=SMALL,
+        chunk_gated_delta_rule,
+        q[:, sl],
+        k[:, sl],
+        v[:, sl],
+        g[:, sl],
+        beta[:, sl],
+        initial_state=s,
+        use_qk_l2norm=True,
+        interpret=INTERPRET,
+        blocks=SMALL,
     )
     o_all, s_all = prefill(slice(0, 130), s0)
     o1, s1 = prefill(slice(0, 65), s0)
@@ -73,14 +97,27 @@ def test_chunk_two_pieces_equal_one():
 
 @pytest.mark.parametrize(
     "T, R, with_state, dtype",
-    [(1, 2, True, jnp.float32), (1, 1, False, jnp.bfloat16), (3, 1, True, jnp.bfloat16),
-     (8, 2, True, jnp.float32)],
+    [
+        (1, 2, True, jnp.float32),
+        (1, 1, False, jnp.bfloat16),
+        (3, 1, True, jnp.bfloat16),
+        (8, 2, True, jnp.float32),
+    ],
 )
 def test_decode_matches_reference(T, R, with_state, dtype):
     q, k, v, g, beta, s0 = gdn_inputs(3, T, 2, R, K, V, dtype, seed=10 + T, with_state=with_state)
     o, st, all_s = run(
-        fused_recurrent_gated_delta_rule, q, k, v, g, beta, initial_state=s0, use_qk_l2norm=True, return_all_states=True,
-        interpret=INTERPRET, blocks=DecodeBlocks(block_v=16),
+        fused_recurrent_gated_delta_rule,
+        q,
+        k,
+        v,
+        g,
+        beta,
+        initial_state=s0,
+        use_qk_l2norm=True,
+        return_all_states=True,
+        interpret=INTERPRET,
+        blocks=DecodeBlocks(block_v=16),
     )
     o_ref, st_ref, all_ref = _ref(q, k, v, g, beta, s0, return_all_states=True)
     assert o.dtype == v.dtype and all_s.shape == (3, T, 2 * R, K, V)
@@ -97,15 +134,29 @@ def test_decode_after_prefill_equals_longer_prefill():
     q, k, v, g, beta, s0 = gdn_inputs(2, 75, 2, 2, K, V, jnp.float32, seed=3)
     cut = lambda a, b: (q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b])
     o_full, s_full = run(
-        chunk_gated_delta_rule, *cut(0, 75), initial_state=s0, use_qk_l2norm=True, interpret=INTERPRET, blocks=SMALL
+        chunk_gated_delta_rule,
+        *cut(0, 75),
+        initial_state=s0,
+        use_qk_l2norm=True,
+        interpret=INTERPRET,
+        blocks=SMALL,
     )
     _, s = run(
-        chunk_gated_delta_rule, *cut(0, 70), initial_state=s0, use_qk_l2norm=True, interpret=INTERPRET, blocks=SMALL
+        chunk_gated_delta_rule,
+        *cut(0, 70),
+        initial_state=s0,
+        use_qk_l2norm=True,
+        interpret=INTERPRET,
+        blocks=SMALL,
     )
     dec = dict(use_qk_l2norm=True, interpret=INTERPRET, blocks=DecodeBlocks(block_v=16))
     o1, s = run(fused_recurrent_gated_delta_rule, *cut(70, 71), initial_state=s, **dec)
     o4, s, all_s = run(
-        fused_recurrent_gated_delta_rule, *cut(71, 75), initial_state=s, return_all_states=True, **dec
+        fused_recurrent_gated_delta_rule,
+        *cut(71, 75),
+        initial_state=s,
+        return_all_states=True,
+        **dec,
     )
     assert rel_err(jnp.concatenate([o1, o4], axis=1), o_full[:, 70:]) < TOL[jnp.float32]
     assert rel_err(s, s_full) < TOL[jnp.float32]
