@@ -182,6 +182,10 @@ def make_optimizer(peak_lr: float):
     )
 
 
+# optax >= 0.2.5 names it tree_norm; the older name warns there
+_tree_norm = getattr(optax.tree_utils, "tree_norm", None) or optax.tree_utils.tree_l2_norm
+
+
 def _xent(logits, targets, mask):
     """Summed masked cross-entropy in fp32, and the token count."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -212,7 +216,7 @@ def train_step(params, graphdef, optimizer, opt_state, ids, mask, lr):
     return (
         params,
         opt_state,
-        {"loss": loss, "main": main, "mtp": mtp, "grad_norm": optax.tree_utils.tree_l2_norm(grads)},
+        {"loss": loss, "main": main, "mtp": mtp, "grad_norm": _tree_norm(grads)},
     )
 
 
