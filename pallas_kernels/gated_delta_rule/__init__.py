@@ -2,6 +2,7 @@
 
 from pallas_kernels.gated_delta_rule.chunk import ChunkBlocks, chunk_gated_delta_rule
 from pallas_kernels.gated_delta_rule.decode import DecodeBlocks, fused_recurrent_gated_delta_rule
+from pallas_kernels.gated_delta_rule.gates import gdn_gates, softplus
 from pallas_kernels.gated_delta_rule.reference import (
     chunk_gated_delta_rule_ref,
     l2norm,
@@ -15,7 +16,9 @@ __all__ = [
     "chunk_gated_delta_rule",
     "chunk_gated_delta_rule_ref",
     "fused_recurrent_gated_delta_rule",
+    "gdn_gates",
     "l2norm",
     "recurrent_gated_delta_rule",
+    "softplus",
     "validate_inputs",
 ]
