@@ -1,3 +1,41 @@
 """Pallas kernels for Qwen3-Next hot ops, each beside its pure-jnp reference.
 
-Kernels take arrays, not model configs: nothing here imports qnext_jax."""
+Kernels take arrays, not model configs: nothing here imports qnext_jax. Every kernel runs on the
+CPU with interpret=True (tests) and through the Pallas Triton backend on NVIDIA GPUs.
+"""
+
+from pallas_kernels.causal_conv1d import (
+    ConvBlocks,
+    causal_conv1d,
+    causal_conv1d_ref,
+    causal_conv1d_update,
+    validate_conv_inputs,
+)
+from pallas_kernels.gated_delta_rule import (
+    ChunkBlocks,
+    DecodeBlocks,
+    chunk_gated_delta_rule,
+    chunk_gated_delta_rule_ref,
+    fused_recurrent_gated_delta_rule,
+    gdn_gates,
+    l2norm,
+    recurrent_gated_delta_rule,
+    validate_inputs,
+)
+
+__all__ = [
+    "ChunkBlocks",
+    "ConvBlocks",
+    "DecodeBlocks",
+    "causal_conv1d",
+    "causal_conv1d_ref",
+    "causal_conv1d_update",
+    "chunk_gated_delta_rule",
+    "chunk_gated_delta_rule_ref",
+    "fused_recurrent_gated_delta_rule",
+    "gdn_gates",
+    "l2norm",
+    "recurrent_gated_delta_rule",
+    "validate_conv_inputs",
+    "validate_inputs",
+]

@@ -6,9 +6,11 @@ Two kernels, as the chunked form in reference.py splits the work:
        u = M^-1 (beta v)        [C, V]      w = M^-1 (beta exp(gamma) k)   [C, K]
      M^-1 by repeated squaring: M = I + L with L strictly lower (nilpotent), so
        M^-1 = (I - L)(I + L^2)(I + L^4)...(I + L^(C/2))   -- matmuls only, no row loop.
+     It also writes everything else that does not depend on the state, so the sequential pass
+     is four matmuls per chunk: qd = q e^gamma, kd = k e^(gamma_C - gamma), attn = tril(q k^T D).
   2. `_state_kernel`, parallel over (batch x segment, value head, V block), sequential over the
-     chunks of its segment: v_new = u - w S;  o = (q e^gamma) S + tril(q k^T D) v_new;
-     S = e^gamma_C S + (k e^(gamma_C - gamma))^T v_new.
+     chunks of its segment: v_new = u - w S;  o = qd S + attn v_new;  S = e^gamma_C S + kd^T v_new.
+     Products take bf16 operands for bf16 inputs (as fla; fp32 accumulation), TF32 for fp32.
 
 Long single sequences under-fill the GPU (B * HV * V/BV programs), so the sequence can be split
 into `num_segments` segments. A segment maps its initial state affinely, S -> P S + Bs, with
