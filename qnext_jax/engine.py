@@ -77,12 +77,14 @@ class EngineConfig:
 class Engine:
     """Slots + cache + jitted prefill/decode for one model. Not thread-safe: one owner."""
 
-    def __init__(self, model, cfg: EngineConfig, *, eos_ids: list[int], detokenize=None):
+    def __init__(self, model, cfg: EngineConfig, *, eos_ids: list[int], detokenize=None,
+                 defaults: dict | None = None):
         self.model_cfg = model.config
         self.cfg = cfg
         self.vocab = model.config.vocab_size
         self.eos_ids = list(eos_ids)
         self.detokenize = detokenize  # ids, params -> text (for stop strings); optional
+        self.defaults = defaults or {}  # generation_config.json: fills unset sampling fields
         self.graphdef, self.params = nnx.split(model)
         B = cfg.max_num_seqs
         self.cache = model.init_cache(B, cfg.max_model_len, state_dtype=jnp.dtype(cfg.state_dtype))
@@ -100,6 +102,7 @@ class Engine:
     # ---- public ------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     seed: int | None = None) -> Request:
+        params = params.resolved(self.defaults)
         self.validate(prompt_ids, params)
         n = next(self._ids)
         rid = request_id if request_id is not None else str(n)

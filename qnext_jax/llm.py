@@ -137,7 +137,7 @@ class LLM:
         check_memory(cfg, self.engine_config, param_bytes, utilization=gpu_memory_utilization)
         self.eos_ids = eos_token_ids(self.generation_config, cfg, self.tokenizer)
         self.engine = Engine(self.model, self.engine_config, eos_ids=self.eos_ids,
-                             detokenize=self._detokenize)
+                             detokenize=self._detokenize, defaults=self.generation_config)
 
     # ---- tokenizer helpers -----------------------------------------------------------------
     def _detokenize(self, ids: list[int], params: SamplingParams) -> str:
