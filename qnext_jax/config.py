@@ -290,3 +290,4 @@ class RuntimeOptions:
     moe_impl: Literal["auto", "ragged", "dense"] = "auto"
     chunk_size: int = 64
     scan_layers: bool = True
+    mesh: Any = None  # jax.sharding.Mesh for tensor / expert parallelism (qnext_jax.sharding)

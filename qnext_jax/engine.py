@@ -78,7 +78,7 @@ class Engine:
     """Slots + cache + jitted prefill/decode for one model. Not thread-safe: one owner."""
 
     def __init__(self, model, cfg: EngineConfig, *, eos_ids: list[int], detokenize=None,
-                 defaults: dict | None = None):
+                 defaults: dict | None = None, place_cache=None):
         self.model_cfg = model.config
         self.cfg = cfg
         self.vocab = model.config.vocab_size
@@ -88,6 +88,8 @@ class Engine:
         self.graphdef, self.params = nnx.split(model)
         B = cfg.max_num_seqs
         self.cache = model.init_cache(B, cfg.max_model_len, state_dtype=jnp.dtype(cfg.state_dtype))
+        if place_cache is not None:  # e.g. split KV / GDN state over a mesh with their heads
+            self.cache = place_cache(self.cache)
         self.slots = _empty_slots(B, self.vocab)
         self.free = list(range(B))
         self.running: dict[int, Request] = {}

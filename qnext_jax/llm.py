@@ -4,6 +4,7 @@ and `LLM.chat(messages, ...)`. Also where the embedded default model is found.""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -107,13 +108,21 @@ class LLM:
         self.model_path = Path(model) if model is not None else default_model_dir()
         if dtype == "auto":
             dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
-        if tensor_parallel_size != 1:
-            raise ValueError(
-                f"tensor_parallel_size={tensor_parallel_size}: only 1 is supported in this build"
-            )
         if speculative_config is not None:
             raise ValueError("speculative_config: MTP speculative decoding is not in this build")
-        self.model = from_pretrained(self.model_path, dtype, options=options, progress=False)
+        options = options or RuntimeOptions()
+        shardings_fn = place_cache = None
+        if tensor_parallel_size != 1:
+            from qnext_convert import model_config
+            from qnext_jax import sharding
+
+            cfg = model_config(self.model_path)
+            mesh = sharding.make_mesh(cfg, tensor_parallel_size)
+            options = dataclasses.replace(options, mesh=mesh)
+            shardings_fn = functools.partial(sharding.param_shardings, mesh=mesh, cfg=cfg)
+            place_cache = functools.partial(sharding.shard_cache, mesh=mesh, cfg=cfg)
+        self.model = from_pretrained(self.model_path, dtype, options=options,
+                                     shardings_fn=shardings_fn, progress=False)
         self.tokenizer = AutoTokenizer.from_pretrained(
             tokenizer or self.model_path, local_files_only=True
         )
@@ -137,7 +146,8 @@ class LLM:
         check_memory(cfg, self.engine_config, param_bytes, utilization=gpu_memory_utilization)
         self.eos_ids = eos_token_ids(self.generation_config, cfg, self.tokenizer)
         self.engine = Engine(self.model, self.engine_config, eos_ids=self.eos_ids,
-                             detokenize=self._detokenize, defaults=self.generation_config)
+                             detokenize=self._detokenize, defaults=self.generation_config,
+                             place_cache=place_cache)
 
     # ---- tokenizer helpers -----------------------------------------------------------------
     def _detokenize(self, ids: list[int], params: SamplingParams) -> str:
