@@ -12,22 +12,25 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qnext_jax import ops
-from qnext_jax.cache import CacheSlots, KVCache
+from qnext_jax.cache import KV_AXES, CacheSlots, KVCache
 from qnext_jax.config import Qwen3NextConfig, RuntimeOptions
 from qnext_jax.layers import Linear, RMSNorm, apply_partial_rope
+from qnext_jax.sharding import constrain
 
 
 class GatedAttention(nnx.Module):
     def __init__(self, cfg: Qwen3NextConfig, opts: RuntimeOptions, *, dtype, rngs):
         D, H, KVH, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = H, KVH, Dh
-        self.q_proj = Linear(D, H * 2 * Dh, dtype=dtype, rngs=rngs)  # per head [q | gate]
-        self.k_proj = Linear(D, KVH * Dh, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(D, KVH * Dh, dtype=dtype, rngs=rngs)
-        self.o_proj = Linear(H * Dh, D, dtype=dtype, rngs=rngs)
+        heads, kv_heads = ("embed", "heads"), ("embed", "kv_heads")
+        # q_proj: per head [q | gate], so splitting its columns by heads keeps the pairs together
+        self.q_proj = Linear(D, H * 2 * Dh, dtype=dtype, rngs=rngs, axes=heads)
+        self.k_proj = Linear(D, KVH * Dh, dtype=dtype, rngs=rngs, axes=kv_heads)
+        self.v_proj = Linear(D, KVH * Dh, dtype=dtype, rngs=rngs, axes=kv_heads)
+        self.o_proj = Linear(H * Dh, D, dtype=dtype, rngs=rngs, axes=("heads", "embed"))
         self.q_norm = RMSNorm(Dh, cfg.rms_norm_eps, dtype=dtype)
         self.k_norm = RMSNorm(Dh, cfg.rms_norm_eps, dtype=dtype)
-        self.impl = opts.attention_impl
+        self.impl, self.mesh = opts.attention_impl, opts.mesh
 
     def __call__(self, x, cos, sin, positions, cache: KVCache | None, slots: CacheSlots | None = None):
         """x [B,T,D]; cos/sin [B,T,R]; positions [B,T] (-1: padding, writes nothing).
@@ -43,6 +46,8 @@ class GatedAttention(nnx.Module):
         v = self.v_proj(x).reshape(B, T, KVH, Dh)
         q = apply_partial_rope(self.q_norm(q), cos, sin)  # RoPE after the q/k norm
         k = apply_partial_rope(self.k_norm(k), cos, sin)
+        q = constrain(q, ("batch", None, "heads", None), self.mesh)
+        k, v = (constrain(a, KV_AXES, self.mesh) for a in (k, v))
 
         if cache is None:
             k_all, v_all, k_pos = k, v, positions
@@ -50,10 +55,11 @@ class GatedAttention(nnx.Module):
             S = cache.k.shape[1]
             slot = jnp.where(positions >= 0, positions, S)  # padding -> out of range, dropped
             rows = (jnp.arange(B) if slots is None else slots.rows)[:, None]
-            cache = KVCache(
-                cache.k.at[rows, slot].set(k.astype(cache.k.dtype), mode="drop"),
-                cache.v.at[rows, slot].set(v.astype(cache.v.dtype), mode="drop"),
+            k_new, v_new = (
+                c.at[rows, slot].set(new.astype(c.dtype), mode="drop")
+                for c, new in ((cache.k, k), (cache.v, v))
             )
+            cache = KVCache(constrain(k_new, KV_AXES, self.mesh), constrain(v_new, KV_AXES, self.mesh))
             k_all, v_all = cache.k, cache.v
             if slots is not None:  # the rows of this batch (stale K/V beyond a position are masked)
                 k_all = jnp.take(k_all, slots.rows, axis=0, mode="clip")

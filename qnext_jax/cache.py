@@ -13,6 +13,11 @@ from flax import struct
 
 from qnext_jax.config import FULL, Qwen3NextConfig
 
+# logical axes of one layer's cache leaves (qnext_jax.sharding maps them to the mesh)
+KV_AXES = ("batch", None, "kv_heads", None)  # [B, S, KVH, D]
+GDN_CONV_AXES = ("batch", None, "k_heads")  # [B, W-1, C], C grouped per key head
+GDN_STATE_AXES = ("batch", "v_heads", None, None)  # [B, HV, K, V]
+
 
 @struct.dataclass
 class KVCache:

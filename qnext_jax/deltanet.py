@@ -17,9 +17,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qnext_jax import ops
-from qnext_jax.cache import CacheSlots, GDNCache
+from qnext_jax.cache import GDN_CONV_AXES, GDN_STATE_AXES, CacheSlots, GDNCache
 from qnext_jax.config import Qwen3NextConfig, RuntimeOptions
 from qnext_jax.layers import GatedRMSNorm, Linear, _init
+from qnext_jax.sharding import constrain
 
 
 class GatedDeltaNet(nnx.Module):
@@ -29,16 +30,20 @@ class GatedDeltaNet(nnx.Module):
         K, V, W = cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.linear_conv_kernel_dim
         R = HV // H
         self.dims = (H, HV, K, V, R)
-        self.in_proj_qkvz = Linear(D, H * (2 * K + 2 * R * V), dtype=dtype, rngs=rngs)
-        self.in_proj_ba = Linear(D, H * 2 * R, dtype=dtype, rngs=rngs)
-        self.conv_w = nnx.Param(_init(rngs, (W, H * (2 * K + R * V)), dtype, std=0.3))  # [W, C]
-        self.dt_bias = nnx.Param(jnp.ones((HV,), dtype))
+        k_heads = ("embed", "k_heads")  # out axes grouped per key head: splits by key heads
+        self.in_proj_qkvz = Linear(D, H * (2 * K + 2 * R * V), dtype=dtype, rngs=rngs, axes=k_heads)
+        self.in_proj_ba = Linear(D, H * 2 * R, dtype=dtype, rngs=rngs, axes=k_heads)
+        self.conv_w = nnx.Param(  # [W, C]
+            _init(rngs, (W, H * (2 * K + R * V)), dtype, std=0.3), axes=(None, "k_heads")
+        )
+        self.dt_bias = nnx.Param(jnp.ones((HV,), dtype), axes=("v_heads",))
         self.A_log = nnx.Param(
-            jnp.log(jnp.linspace(1.0, 16.0, HV)).astype(dtype) if rngs else jnp.zeros((HV,), dtype)
+            jnp.log(jnp.linspace(1.0, 16.0, HV)).astype(dtype) if rngs else jnp.zeros((HV,), dtype),
+            axes=("v_heads",),
         )
         self.norm = GatedRMSNorm(V, cfg.rms_norm_eps, dtype=dtype)
-        self.out_proj = Linear(HV * V, D, dtype=dtype, rngs=rngs)
-        self.gdn_impl, self.chunk_size = opts.gdn_impl, opts.chunk_size
+        self.out_proj = Linear(HV * V, D, dtype=dtype, rngs=rngs, axes=("v_heads", "embed"))
+        self.gdn_impl, self.chunk_size, self.mesh = opts.gdn_impl, opts.chunk_size, opts.mesh
 
     def __call__(self, x, positions, cache: GDNCache | None, slots: CacheSlots | None = None, *,
                  return_all_states=False):
@@ -65,6 +70,8 @@ class GatedDeltaNet(nnx.Module):
         conv_out = conv_out.reshape(B, T, H, 2 * K + R * V)
         q, k = conv_out[..., :K], conv_out[..., K : 2 * K]
         v = conv_out[..., 2 * K :].reshape(B, T, HV, V)
+        q, k = (constrain(a, ("batch", None, "k_heads", None), self.mesh) for a in (q, k))
+        v = constrain(v, ("batch", None, "v_heads", None), self.mesh)
 
         beta = jax.nn.sigmoid(b).astype(jnp.float32)  # sigmoid in the activation dtype, as HF
         g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(
@@ -86,9 +93,13 @@ class GatedDeltaNet(nnx.Module):
         if cache is not None:
             conv_state = _last_inputs(conv_in, mixed, valid)
             if slots is None:
-                new_cache = GDNCache(conv_state.astype(cache.conv.dtype), state.astype(cache.state.dtype))
+                conv_state = conv_state.astype(cache.conv.dtype)
+                state = state.astype(cache.state.dtype)
             else:
-                new_cache = GDNCache(slots.scatter(cache.conv, conv_state), slots.scatter(cache.state, state))
+                conv_state = slots.scatter(cache.conv, conv_state)
+                state = slots.scatter(cache.state, state)
+            new_cache = GDNCache(constrain(conv_state, GDN_CONV_AXES, self.mesh),
+                                 constrain(state, GDN_STATE_AXES, self.mesh))
         if return_all_states:
             return out, new_cache, (result[2], _all_conv_states(conv_in, mixed))
         return out, new_cache

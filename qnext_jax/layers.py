@@ -20,10 +20,13 @@ def _init(rngs: nnx.Rngs | None, shape, dtype, std: float = 0.02):
 
 
 class Linear(nnx.Module):
-    """y = x @ w with w stored [in, out] (HF stores [out, in]; the converter transposes)."""
+    """y = x @ w with w stored [in, out] (HF stores [out, in]; the converter transposes).
 
-    def __init__(self, d_in: int, d_out: int, *, dtype, rngs: nnx.Rngs | None):
-        self.w = nnx.Param(_init(rngs, (d_in, d_out), dtype))
+    axes: the logical axes of w (see qnext_jax.sharding), e.g. ("embed", "heads")."""
+
+    def __init__(self, d_in: int, d_out: int, *, dtype, rngs: nnx.Rngs | None,
+                 axes: tuple[str | None, str | None] = (None, None)):
+        self.w = nnx.Param(_init(rngs, (d_in, d_out), dtype), axes=axes)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jnp.dot(x, self.w[...].astype(x.dtype))
@@ -60,9 +63,9 @@ class SwiGLU(nnx.Module):
     """(silu(x Wg) * (x Wu)) Wd: the dense MLP and the shared expert."""
 
     def __init__(self, d_model: int, d_ff: int, *, dtype, rngs: nnx.Rngs | None):
-        self.gate_proj = Linear(d_model, d_ff, dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(d_model, d_ff, dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(d_ff, d_model, dtype=dtype, rngs=rngs)
+        self.gate_proj = Linear(d_model, d_ff, dtype=dtype, rngs=rngs, axes=("embed", "ffw"))
+        self.up_proj = Linear(d_model, d_ff, dtype=dtype, rngs=rngs, axes=("embed", "ffw"))
+        self.down_proj = Linear(d_ff, d_model, dtype=dtype, rngs=rngs, axes=("ffw", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

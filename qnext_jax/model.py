@@ -23,6 +23,9 @@ from qnext_jax.config import FULL, LINEAR, Qwen3NextConfig, RuntimeOptions
 from qnext_jax.deltanet import GatedDeltaNet
 from qnext_jax.layers import Linear, RMSNorm, SwiGLU, rope_cos_sin, rope_frequencies
 from qnext_jax.moe import SparseMoE
+from qnext_jax.sharding import constrain
+
+RESIDUAL = ("batch", None, "embed")  # the residual stream [B, T, D]: replicated over the mesh
 
 Kind = tuple[str, bool]  # (layer type, is MoE)
 
@@ -32,7 +35,7 @@ class DecoderLayer(nnx.Module):
 
     def __init__(self, cfg: Qwen3NextConfig, opts: RuntimeOptions, kind: Kind, *, dtype, rngs):
         layer_type, is_moe = kind
-        self.layer_type = layer_type
+        self.layer_type, self.mesh = layer_type, opts.mesh
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         if layer_type == LINEAR:
             self.linear_attn = GatedDeltaNet(cfg, opts, dtype=dtype, rngs=rngs)
@@ -53,8 +56,8 @@ class DecoderLayer(nnx.Module):
             states = out[2] if collect_states else None
         else:
             h, cache = self.self_attn(h, *rope, positions, cache, slots)
-        x = x + h  # residual adds in the activation dtype, as the reference
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = constrain(x + h, RESIDUAL, self.mesh)  # residual adds in the activation dtype
+        x = constrain(x + self.mlp(self.post_attention_layernorm(x)), RESIDUAL, self.mesh)
         return x, cache, states
 
 
@@ -97,7 +100,11 @@ class LayerStack(nnx.Module):
         groups = [LayerGroup(cfg, opts, pattern, dtype=dtype, rngs=rngs) for _ in range(repeats)]
         graphdef, _ = nnx.split(groups[0])
         states = [nnx.state(g) for g in groups]
-        self.group = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+        stacked_state = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+        for _, var in nnx.to_flat_state(stacked_state):  # logical axes gain the stacked L axis
+            if var.has_metadata("axes"):
+                var.set_metadata(axes=("layers", *var.get_metadata()["axes"]))
+        self.group = nnx.merge(graphdef, stacked_state)
         self.pattern, self.repeats, self.scan = pattern, repeats, opts.scan_layers
 
     def __call__(self, x, rope, positions, caches, slots=None, collect_states=False):
@@ -143,7 +150,8 @@ class Qwen3NextForCausalLM(nnx.Module):
         self.embed_tokens = nnx.Param(
             jnp.zeros((cfg.vocab_size, cfg.hidden_size), dtype)
             if rngs is None
-            else (0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size))).astype(dtype)
+            else (0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size))).astype(dtype),
+            axes=("vocab", "embed"),
         )
         kinds = cfg.layer_kinds()
         self.segments = nnx.List([
@@ -152,7 +160,7 @@ class Qwen3NextForCausalLM(nnx.Module):
         ])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
-            cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs
+            cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs, axes=("embed", "vocab")
         )
         self.mtp = MultiTokenPredictor(cfg, opts, dtype=dtype, rngs=rngs) if cfg.num_mtp_layers else None
 

@@ -26,19 +26,21 @@ class SparseMoE(nnx.Module):
     def __init__(self, cfg: Qwen3NextConfig, opts: RuntimeOptions, *, dtype, rngs):
         D, E, F = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
         self.top_k, self.normalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
-        self.gate = Linear(D, E, dtype=dtype, rngs=rngs)  # the router
-        self.gate_up = nnx.Param(_init(rngs, (E, D, 2 * F), dtype))  # [E, D, gate F | up F]
-        self.down = nnx.Param(_init(rngs, (E, F, D), dtype))  # [E, F, D]
+        self.gate = Linear(D, E, dtype=dtype, rngs=rngs, axes=("embed", None))  # the router
+        # [E, D, gate F | up F]: F is not split (an even split of 2F would separate gate and up)
+        self.gate_up = nnx.Param(_init(rngs, (E, D, 2 * F), dtype), axes=("experts", "embed", None))
+        self.down = nnx.Param(_init(rngs, (E, F, D), dtype), axes=("experts", None, "embed"))
         self.shared_expert = SwiGLU(D, cfg.shared_expert_intermediate_size, dtype=dtype, rngs=rngs)
         self.shared_expert_gate = Linear(D, 1, dtype=dtype, rngs=rngs)
-        self.impl = opts.moe_impl
+        self.impl, self.mesh = opts.moe_impl, opts.mesh
 
     def __call__(self, x: jax.Array) -> jax.Array:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
         weights, experts = route(self.gate(x), self.top_k, self.normalize)
         routed = ops.moe_experts(
-            x, weights, experts, self.gate_up[...], self.down[...], impl=self.impl
+            x, weights, experts, self.gate_up[...], self.down[...], impl=self.impl,
+            mesh=self.mesh,
         )
         shared = self.shared_expert(x) * jax.nn.sigmoid(self.shared_expert_gate(x))
         return (routed + shared).reshape(shape)

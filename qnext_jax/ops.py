@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.causal_conv1d import causal_conv1d_ref
 from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule_ref, recurrent_gated_delta_rule
+from qnext_jax import sharding
 
 
 def on_gpu() -> bool:
@@ -87,23 +88,38 @@ def attention(q, k, v, q_pos, k_pos, *, scale: float, impl: str = "auto"):
 
 
 # ---- routed experts ------------------------------------------------------------------------
-def moe_experts(x, weights, experts, w_gate_up, w_down, *, impl: str = "auto"):
+def moe_experts(x, weights, experts, w_gate_up, w_down, *, impl: str = "auto", mesh=None):
     """sum_j weights[n, j] * Expert_{experts[n, j]}(x[n]).
 
     x [N,D]; weights [N,k] fp32; experts [N,k] int32; w_gate_up [E,D,2F] (gate | up);
-    w_down [E,F,D]. Returns [N,D] in x.dtype (products in x.dtype, sum over k in fp32)."""
+    w_down [E,F,D]. Returns [N,D] in x.dtype (products in x.dtype, sum over k in fp32).
+    With a mesh whose expert axis is > 1, each device runs its own experts on the (replicated)
+    tokens routed to them and the partial sums are combined by one psum (sharding.expert_parallel
+    says why psum rather than all-to-all)."""
     N, k = experts.shape
     if impl == "auto":
         impl = "gather" if N * k <= 64 else "ragged"
-    if impl == "gather":
-        h = _expert_gather(x, experts, w_gate_up, w_down)  # [N,k,D]
-    elif impl == "ragged":
-        h = _expert_ragged(x, experts, w_gate_up, w_down)
-    elif impl == "dense":
-        h = _expert_dense(x, experts, w_gate_up, w_down)
-    else:
+    if impl not in ("gather", "ragged", "dense"):
         raise ValueError(f"moe_impl={impl!r}; allowed: 'auto', 'gather', 'ragged', 'dense'")
-    return jnp.einsum("nk,nkd->nd", weights, h.astype(jnp.float32)).astype(x.dtype)
+    routed = functools.partial(_routed_experts, impl=impl)
+    if sharding.expert_parallel_size(mesh) > 1:
+        out = sharding.expert_parallel(routed, mesh, x, weights, experts, w_gate_up, w_down)
+    else:
+        out = routed(x, weights, experts, w_gate_up, w_down)
+    return out.astype(x.dtype)
+
+
+def _routed_experts(x, weights, experts, w_gate_up, w_down, *, impl):
+    """fp32 [N,D]; ids outside [0, E) (experts held by another device) contribute nothing."""
+    E = w_gate_up.shape[0]
+    here = (experts >= 0) & (experts < E)  # [N,k]
+    if impl == "ragged":
+        h = _expert_ragged(x, jnp.where(here, experts, E), w_gate_up, w_down)  # E: sorted last
+    else:
+        clipped = jnp.clip(experts, 0, E - 1)
+        h = (_expert_gather if impl == "gather" else _expert_dense)(x, clipped, w_gate_up, w_down)
+    h = jnp.where(here[..., None], h.astype(jnp.float32), 0.0)  # [N,k,D]
+    return jnp.einsum("nk,nkd->nd", jnp.where(here, weights, 0.0), h)
 
 
 def _swiglu(gate_up):
@@ -125,7 +141,8 @@ def _expert_dense(x, experts, w_gate_up, w_down):
 
 
 def _expert_ragged(x, experts, w_gate_up, w_down):
-    """Prefill path: sort (token, slot) pairs by expert, grouped matmul, unsort."""
+    """Prefill path: sort (token, slot) pairs by expert, grouped matmul, unsort.
+    Ids == E (not on this device) sort last, outside every group: ragged_dot gives them 0."""
     N, k = experts.shape
     E = w_gate_up.shape[0]
     flat = experts.reshape(-1)

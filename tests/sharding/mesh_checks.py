@@ -1,0 +1,163 @@
+"""Checks on 8 fake CPU devices. Not collected by the normal suite (the name is not test_*):
+test_sharding.py runs this file in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=8, so the rest of the suite keeps 1 device."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from qnext_jax import sharding
+from qnext_jax.config import RuntimeOptions, tiny_config
+from qnext_jax.model import Qwen3NextForCausalLM
+
+if jax.device_count() < 8:
+    pytest.skip("needs 8 devices (run through test_sharding.py)", allow_module_level=True)
+
+# 8 query / 2 KV heads (KV split at TP=2, replicated at TP=4 and 8), 8 / 16 GDN heads, 16 experts
+CFG = tiny_config(num_attention_heads=8, num_key_value_heads=2, linear_num_key_heads=8,
+                  linear_num_value_heads=16, num_experts=16)
+OPTS = RuntimeOptions(dtype="float32")
+T = ("ep", "tp")  # the tensor axis: the whole mesh
+
+
+def build(mesh=None, seed=0):
+    model = Qwen3NextForCausalLM(CFG, dataclasses.replace(OPTS, mesh=mesh), rngs=nnx.Rngs(seed))
+    return model if mesh is None else sharding.shard_params(model, mesh=mesh, cfg=CFG)
+
+
+def logits(model, ids):
+    graphdef, state = nnx.split(model)
+    return np.asarray(jax.jit(lambda s, i: nnx.merge(graphdef, s)(i))(state, ids))
+
+
+@functools.cache
+def reference():
+    ids = jax.random.randint(jax.random.key(1), (2, 8), 0, CFG.vocab_size)
+    return ids, logits(build(), ids)
+
+
+@pytest.mark.parametrize("tp, ep", [(2, None), (4, None), (8, None), (8, 2)])
+def test_sharded_forward_equals_unsharded(tp, ep):
+    ids, want = reference()
+    mesh = sharding.make_mesh(CFG, tp, ep)
+    got = logits(build(mesh), ids)
+    assert np.max(np.abs(got - want)) / np.max(np.abs(want)) <= 1e-5
+
+
+def test_parameter_shardings_follow_the_table():
+    mesh = sharding.make_mesh(CFG, 8, 2)  # ("ep", "tp") = (2, 4)
+    specs = {p: s.spec for p, s in nnx.to_flat_state(
+        sharding.param_shardings(nnx.state(nnx.eval_shape(lambda: build()), nnx.Param),
+                                 mesh=mesh, cfg=CFG))}
+    layer = ("segments", 0, "group", "layers")  # [GDN] x 3, stacked
+    attn = ("segments", 1, "group", "layers")  # [attention] x 1
+    want = {
+        ("embed_tokens",): P(T, None),
+        ("lm_head", "w"): P(None, T),
+        (*attn, 0, "self_attn", "q_proj", "w"): P(None, None, T),
+        (*attn, 0, "self_attn", "o_proj", "w"): P(None, T, None),
+        (*attn, 0, "self_attn", "k_proj", "w"): P(None, None, None),  # 2 KV heads, 8 devices
+        (*attn, 0, "self_attn", "q_norm", "w"): P(None, None),
+        (*layer, 0, "linear_attn", "in_proj_qkvz", "w"): P(None, None, T),
+        (*layer, 0, "linear_attn", "in_proj_ba", "w"): P(None, None, T),
+        (*layer, 0, "linear_attn", "conv_w"): P(None, None, T),
+        (*layer, 0, "linear_attn", "A_log"): P(None, T),
+        (*layer, 0, "linear_attn", "dt_bias"): P(None, T),
+        (*layer, 0, "linear_attn", "out_proj", "w"): P(None, T, None),
+        (*layer, 0, "mlp", "gate", "w"): P(None, None, None),
+        (*layer, 0, "mlp", "gate_up"): P(None, "ep", None, None),
+        (*layer, 0, "mlp", "down"): P(None, "ep", None, None),
+        (*layer, 0, "mlp", "shared_expert", "gate_proj", "w"): P(None, None, T),
+        (*layer, 0, "mlp", "shared_expert", "down_proj", "w"): P(None, T, None),
+        ("mtp", "layers", 0, "self_attn", "q_proj", "w"): P(None, T),  # MTP: like a decoder layer
+        ("mtp", "layers", 0, "mlp", "gate_up"): P("ep", None, None),
+    }
+    for path, spec in want.items():
+        assert specs[path] == spec, path
+    # KV heads split while they divide
+    tp2 = sharding.param_shardings(nnx.state(nnx.eval_shape(lambda: build()), nnx.Param),
+                                   mesh=sharding.make_mesh(CFG, 2), cfg=CFG)
+    assert dict(nnx.to_flat_state(tp2))[(*attn, 0, "self_attn", "k_proj", "w")].spec == P(None, None, T)
+
+
+def test_cache_split_with_heads():
+    model = nnx.eval_shape(lambda: build())
+    for tp, kv in ((2, T), (8, None)):
+        mesh = sharding.make_mesh(CFG, tp)
+        cache = sharding.shard_cache(model.init_cache(2, 16), mesh=mesh, cfg=CFG)
+        gdn, attn = cache["layers"][0][0], cache["layers"][1][0]
+        assert attn.k.sharding.spec == P(None, None, None, kv, None)
+        assert gdn.conv.sharding.spec == P(None, None, None, T)
+        assert gdn.state.sharding.spec == P(None, None, T, None, None)
+        assert cache["mtp"].v.sharding.spec == P(None, None, None, kv, None)
+
+
+def test_make_mesh_rejects_sizes_that_do_not_divide():
+    with pytest.raises(ValueError, match=r"valid sizes: \[1, 2, 4, 8\]"):
+        sharding.make_mesh(CFG, 3)
+    with pytest.raises(ValueError, match="expert_parallel_size=3"):
+        sharding.make_mesh(CFG, 8, 3)
+
+
+def test_greedy_generation_identical():
+    from qnext_jax.engine import Engine, EngineConfig
+    from qnext_jax.sampling import SamplingParams
+
+    prompts = [[5, 9, 2, 7, 1], [3, 3, 8, 100, 42, 17, 6, 250, 11]]
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+
+    def generate(model, place_cache=None):
+        engine = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=32, prefill_chunk=16,
+                                            decode_block=8), eos_ids=[], place_cache=place_cache)
+        reqs = [engine.add_request(p, params) for p in prompts]
+        while engine.has_work():
+            engine.step()
+        return [r.output_ids for r in reqs], engine
+
+    want, _ = generate(build())
+    mesh = sharding.make_mesh(CFG, 4)
+    got, engine = generate(build(mesh), functools.partial(sharding.shard_cache, mesh=mesh, cfg=CFG))
+    assert got == want
+    assert all(len(o) == 12 for o in got)
+    # the cache stays split after prefill and decode (donated and returned with its sharding)
+    state = engine.cache["layers"][0][0].state
+    assert state.sharding.is_equivalent_to(NamedSharding(mesh, P(None, None, T, None, None)), 5)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A random model saved as HF safetensors and as a converted orbax directory."""
+    from qnext_convert import save_converted
+    from qnext_convert.export import save_hf
+
+    root = tmp_path_factory.mktemp("ckpt")
+    model = build(seed=3)
+    save_hf(model, root / "hf", dtype="float32")
+    save_converted(model, root / "hf", root / "orbax")
+    return root, {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+@pytest.mark.parametrize("fmt", ["hf", "orbax"])
+def test_sharded_loading(saved, fmt):
+    import qnext_jax
+
+    root, want = saved
+    mesh = sharding.make_mesh(CFG, 8, 4)
+    shardings_fn = functools.partial(sharding.param_shardings, mesh=mesh, cfg=CFG)
+    model = qnext_jax.from_pretrained(root / fmt, "float32", options=dataclasses.replace(OPTS, mesh=mesh),
+                                      shardings_fn=shardings_fn, progress=False)
+    table = dict(nnx.to_flat_state(shardings_fn(nnx.state(model, nnx.Param))))
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        x = var[...]
+        assert x.sharding.is_equivalent_to(table[path], x.ndim), path
+        for shard in x.addressable_shards:  # each device holds exactly its slice
+            np.testing.assert_array_equal(np.asarray(shard.data), want[path][shard.index])
