@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx, struct
 
 from qnext_jax.cache import CacheSlots, cache_bytes
+from qnext_jax import speculative
 from qnext_jax.sampling import SamplerRows, SamplingParams, sample
 
 MAX_STOP_IDS = 16
@@ -40,6 +41,9 @@ class Slots:
     sampler: SamplerRows
     counts: jax.Array  # [B, V] int32: generated-token counts (presence / frequency penalties)
     seen: jax.Array  # [B, V] bool: prompt or generated (repetition penalty)
+    drafts: jax.Array  # [B, k] MTP drafts for the next step (k = 0 without speculation)
+    spec_accepted: jax.Array  # [B, k] accepted drafts per draft position
+    spec_steps: jax.Array  # verify steps taken
 
 
 @dataclasses.dataclass
@@ -57,7 +61,9 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     slot: int | None = None
-    text: str = ""  # detokenised output (maintained by the caller's detokenizer when given)
+    text: str = ""  # output text cut at a stop string (set only then)
+    spec_steps: int = 0  # MTP verify steps
+    spec_accepted: list[int] = dataclasses.field(default_factory=list)  # per draft position
 
     @property
     def finished(self) -> bool:
@@ -72,6 +78,7 @@ class EngineConfig:
     decode_block: int = 16  # decode steps per device call
     seed: int = 0
     state_dtype: str = "float32"  # GDN recurrent state: float32 (default) or bfloat16
+    num_speculative_tokens: int = 0  # MTP drafts per step (0: plain decoding)
 
 
 class Engine:
@@ -90,7 +97,10 @@ class Engine:
         self.cache = model.init_cache(B, cfg.max_model_len, state_dtype=jnp.dtype(cfg.state_dtype))
         if place_cache is not None:  # e.g. split KV / GDN state over a mesh with their heads
             self.cache = place_cache(self.cache)
-        self.slots = _empty_slots(B, self.vocab)
+        self.k = cfg.num_speculative_tokens
+        if self.k and model.mtp is None:
+            raise ValueError("num_speculative_tokens > 0 needs a checkpoint with MTP (mtp.*) tensors")
+        self.slots = _empty_slots(B, self.vocab, self.k)
         self.free = list(range(B))
         self.running: dict[int, Request] = {}
         self.waiting: collections.deque[Request] = collections.deque()
@@ -163,7 +173,11 @@ class Engine:
         n = block or self.cfg.decode_block
         self.cache, self.slots, out = self._decode(self.params, self.cache, self.slots, n,
                                                    self.cfg.decode_block)
-        out = np.asarray(out)  # [B, block]; -1 where a row produced nothing
+        out = np.asarray(out)  # [B, block * (k+1)]; -1 where a row produced nothing
+        if self.k:
+            accepted, steps = np.asarray(self.slots.spec_accepted), np.asarray(self.slots.spec_steps)
+            for slot, req in self.running.items():
+                req.spec_steps, req.spec_accepted = int(steps[slot]), accepted[slot].tolist()
         now = time.perf_counter()
         events, done = [], []
         for slot, req in list(self.running.items()):
@@ -239,15 +253,17 @@ class Engine:
         C = _bucket(max(longest, 1), self.cfg.prefill_chunk, minimum=16)
         for start in range(0, max(longest, 1), C):
             tokens = np.zeros((P, C), np.int32)
+            following = np.zeros((P, C), np.int32)  # token i+1: what the MTP head reads at i
             positions = np.full((P, C), -1, np.int32)
-            for i, body in enumerate(bodies):
+            for i, (body, r) in enumerate(zip(bodies, reqs)):
                 piece = body[start : start + C]
                 tokens[i, : len(piece)] = piece
+                following[i, : len(piece)] = r.prompt_ids[start + 1 : start + 1 + len(piece)]
                 positions[i, : len(piece)] = np.arange(start, start + len(piece))
             fresh = np.full(P, start == 0)
             self.cache = self._prefill(
-                self.params, self.cache, jnp.asarray(tokens), jnp.asarray(positions),
-                CacheSlots(jnp.asarray(rows), jnp.asarray(fresh)),
+                self.params, self.cache, jnp.asarray(tokens), jnp.asarray(following),
+                jnp.asarray(positions), CacheSlots(jnp.asarray(rows), jnp.asarray(fresh)),
             )
         self.slots = self._admit(self.slots, *self._admission(reqs, P, rows))
 
@@ -280,9 +296,14 @@ class Engine:
     def _model(self, params):
         return nnx.merge(self.graphdef, params)
 
-    def _prefill_impl(self, params, cache, tokens, positions, slots: CacheSlots):
+    def _prefill_impl(self, params, cache, tokens, following, positions, slots: CacheSlots):
         self.compiles["prefill", tokens.shape] += 1
-        return self._model(params).forward(tokens, positions, cache, slots=slots).cache
+        model = self._model(params)
+        out = model.forward(tokens, positions, cache, slots=slots)
+        if not self.k:
+            return out.cache
+        # the MTP head's KV cache covers the prompt too: it reads (h_i, x_{i+1}) at position i
+        return model.mtp_forward(following, out.hidden, positions, out.cache, slots=slots)[1]
 
     @staticmethod
     def _admit_impl(state: Slots, rows, plain, sampler: SamplerRows, prompts):
@@ -301,6 +322,9 @@ class Engine:
             sampler=jax.tree.map(put, state.sampler, sampler),
             counts=put(state.counts, jnp.zeros((P, V), jnp.int32)),
             seen=put(state.seen, seen),
+            drafts=put(state.drafts, jnp.zeros((P, state.drafts.shape[1]), jnp.int32)),
+            spec_accepted=put(state.spec_accepted, jnp.zeros((P, state.drafts.shape[1]), jnp.int32)),
+            spec_steps=put(state.spec_steps, jnp.zeros((P,), jnp.int32)),
         )
 
     @staticmethod
@@ -308,63 +332,110 @@ class Engine:
         return state.replace(active=state.active & ~mask)
 
     def _decode_impl(self, params, cache, state: Slots, n_steps, block: int):
-        """Up to `n_steps` (<= block) decode steps on the device; stops early once no row is
-        active. Returns (cache, state, tokens [B, block] with -1 where nothing was produced)."""
+        """Up to `n_steps` (<= block) decode steps on the device (each a plain step, or an MTP
+        draft-verify step emitting up to k+1 tokens); stops early once no row is active.
+        Returns (cache, state, tokens [B, block * (k+1)], -1 where nothing was produced)."""
         self.compiles["decode", block] += 1
         model = self._model(params)
-        B = state.token.shape[0]
-        max_len = self.cfg.max_model_len
-
-        def one_step(i, cache, state: Slots, out):
-            positions = jnp.where(state.active, state.pos, -1)[:, None]
-            fwd = model.forward(state.token[:, None], positions, cache)
-            logits = model.compute_logits(fwd.hidden[:, 0]).astype(jnp.float32)
-            tok = sample(_block_stops(logits, state), state.sampler, state.counts, state.seen,
-                         state.generated)
-            active = state.active
-            tok = jnp.where(active, tok, -1)
-            generated = state.generated + active
-            is_stop = jnp.any((tok[:, None] == state.stop_ids) & (state.stop_ids >= 0), axis=1)
-            done = is_stop | (generated >= state.max_gen) | (state.pos + 2 >= max_len)
-            rows = jnp.arange(B)
-            safe = jnp.maximum(tok, 0)
-            state = state.replace(
-                token=jnp.where(active, tok, state.token),
-                pos=state.pos + active,
-                active=active & ~done,
-                generated=generated,
-                counts=state.counts.at[rows, safe].add(active.astype(jnp.int32)),
-                seen=state.seen.at[rows, safe].set(state.seen[rows, safe] | active),
-            )
-            return fwd.cache, state, out.at[:, i].set(tok)
+        B, k = state.token.shape[0], self.k
+        step = self._spec_step if k else self._plain_step
 
         def cond(carry):
-            i, _, state, _ = carry
+            i, _, state, _, _ = carry
             return (i < n_steps) & jnp.any(state.active)
 
         def body(carry):
-            i, cache, state, out = carry
-            return (i + 1, *one_step(i, cache, state, out))
+            i, cache, state, out, cursor = carry
+            cache, state, emitted, n_emit = step(model, cache, state)
+            j = jnp.arange(emitted.shape[1])[None]
+            at = jnp.where(j < n_emit[:, None], cursor[:, None] + j, out.shape[1])  # else dropped
+            out = out.at[jnp.arange(B)[:, None], at].set(emitted, mode="drop")
+            return i + 1, cache, state, out, cursor + n_emit
 
-        out = jnp.full((B, block), -1, jnp.int32)
-        _, cache, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, state, out))
+        out = jnp.full((B, block * (k + 1)), -1, jnp.int32)
+        carry = (jnp.int32(0), cache, state, out, jnp.zeros((B,), jnp.int32))
+        _, cache, state, out, _ = jax.lax.while_loop(cond, body, carry)
         return cache, state, out
 
+    def _plain_step(self, model, cache, state: Slots):
+        """One token per active row: forward, sample, stop rules."""
+        positions = jnp.where(state.active, state.pos, -1)[:, None]
+        fwd = model.forward(state.token[:, None], positions, cache)
+        logits = model.compute_logits(fwd.hidden[:, 0]).astype(jnp.float32)
+        logits = block_stops(logits, state.generated, state.min_gen, state.stop_ids)
+        tok = sample(logits, state.sampler, state.counts, state.seen, state.generated)
+        emitted = tok[:, None]
+        n_emit, done = self._stops(state, emitted, jnp.zeros_like(state.pos))
+        return fwd.cache, self._advance(state, emitted, n_emit, done, tok), emitted, n_emit
 
-def _block_stops(logits, state: Slots):
-    """Below min_tokens, EOS and stop token ids cannot be sampled."""
-    blocked = (state.generated < state.min_gen)[:, None] & (state.stop_ids >= 0)
+    def _spec_step(self, model, cache, state: Slots):
+        """Verify the drafts in one forward, accept a prefix, rewind the GDN states, draft anew."""
+        k, active = self.k, state.active
+        inputs = jnp.concatenate([state.token[:, None], state.drafts], axis=1)  # [B, k+1]
+        positions = jnp.where(active[:, None], state.pos[:, None] + jnp.arange(k + 1), -1)
+        fwd = model.forward(inputs, positions, cache, collect_states=True)
+        logits = model.compute_logits(fwd.hidden).astype(jnp.float32)  # [B, k+1, V]
+        a, emitted = speculative.accept(logits, state.drafts, state, state.generated, block_stops)
+        cache = speculative.rewind_gdn(fwd.cache, fwd.states, a)
+        n_emit, done = self._stops(state, emitted, a)
+        last = jnp.take_along_axis(emitted, a[:, None], axis=1)[:, 0]
+        drafts, cache = speculative.draft(model, cache, fwd.hidden, emitted, state.pos, a, active, k)
+        state = self._advance(state, emitted, n_emit, done, last)
+        j = jnp.arange(k)[None]
+        state = state.replace(
+            drafts=drafts,
+            spec_accepted=state.spec_accepted + (active[:, None] & (j < a[:, None])),
+            spec_steps=state.spec_steps + active,
+        )
+        return cache, state, emitted, n_emit
+
+    def _stops(self, state: Slots, emitted, a):
+        """How many of the emitted tokens e_0..e_a a row keeps, and whether it finishes: the
+        first stop token, max_tokens or the cache end cuts the block there."""
+        j = jnp.arange(emitted.shape[1])[None]
+        gen = state.generated[:, None] + j + 1  # tokens generated once e_j is kept
+        is_stop = jnp.any((emitted[..., None] == state.stop_ids[:, None]) & (state.stop_ids[:, None] >= 0), -1)
+        ends = is_stop | (gen >= state.max_gen[:, None]) | (state.pos[:, None] + j + 2 >= self.cfg.max_model_len)
+        ends = ends & (j <= a[:, None])
+        first_end = jnp.argmax(ends, axis=1)
+        done = jnp.any(ends, axis=1) & state.active
+        n_emit = jnp.where(done, first_end + 1, a + 1) * state.active
+        return n_emit, done
+
+    @staticmethod
+    def _advance(state: Slots, emitted, n_emit, done, last):
+        """Count the kept tokens and move each active row to its new last token."""
+        B, V = state.counts.shape
+        keep = jnp.arange(emitted.shape[1])[None] < n_emit[:, None]
+        rows = jnp.broadcast_to(jnp.arange(B)[:, None], emitted.shape)
+        ids = jnp.where(keep, emitted, V)  # dropped where not kept
+        active = state.active
+        return state.replace(
+            token=jnp.where(active, last, state.token),
+            pos=state.pos + n_emit,
+            active=active & ~done,
+            generated=state.generated + n_emit,
+            counts=state.counts.at[rows, ids].add(1, mode="drop"),
+            seen=state.seen.at[rows, ids].set(True, mode="drop"),
+        )
+
+
+def block_stops(logits, generated, min_gen, stop_ids):
+    """Below min_tokens, EOS and stop token ids cannot be sampled. logits [N, V]; others [N]."""
+    blocked = (generated < min_gen)[:, None] & (stop_ids >= 0)
     rows = jnp.arange(logits.shape[0])[:, None]
-    ids = jnp.where(blocked, state.stop_ids, logits.shape[1])  # out of range -> dropped
+    ids = jnp.where(blocked, stop_ids, logits.shape[1])  # out of range -> dropped
     return logits.at[rows, ids].set(-jnp.inf, mode="drop")
 
 
-def _empty_slots(B: int, V: int) -> Slots:
+def _empty_slots(B: int, V: int, k: int) -> Slots:
     z = lambda dt=jnp.int32: jnp.zeros((B,), dt)
     return Slots(
         token=z(), pos=z(), active=z(bool), generated=z(), max_gen=z(), min_gen=z(),
         stop_ids=jnp.full((B, MAX_STOP_IDS), -1, jnp.int32), sampler=SamplerRows.zeros(B),
         counts=jnp.zeros((B, V), jnp.int32), seen=jnp.zeros((B, V), bool),
+        drafts=jnp.zeros((B, k), jnp.int32), spec_accepted=jnp.zeros((B, k), jnp.int32),
+        spec_steps=z(),
     )
 
 

@@ -73,6 +73,12 @@ def main(argv=None) -> int:
                 print(delta, end="", flush=True)
         out = final.outputs[0]
         m = final.metrics
+        if out.spec_decode is not None:
+            sd = out.spec_decode
+            rates = ", ".join(f"{r:.2f}" for r in sd.acceptance_rate_per_position)
+            print(f"\n\n--- MTP: drafted {sd.num_draft_tokens}, accepted {sd.num_accepted_tokens} "
+                  f"({sd.acceptance_rate:.2f}; per position {rates}), mean accepted length "
+                  f"{sd.mean_accepted_length:.2f}", end="")
         tps = m.decode_tokens_per_s(len(out.token_ids))
         print(
             f"\n\n--- prompt tokens {len(final.prompt_token_ids)} | generated {len(out.token_ids)} "

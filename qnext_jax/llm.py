@@ -33,6 +33,31 @@ class CompletionOutput:
     stop_reason: str | int | None = None
     reasoning: str | None = None
     content: str | None = None  # text without the reasoning (chat), else == text
+    spec_decode: SpecDecodeStats | None = None
+
+
+@dataclasses.dataclass
+class SpecDecodeStats:
+    """MTP speculative decoding counts for one request."""
+
+    num_draft_tokens: int  # drafted
+    num_accepted_tokens: int  # accepted
+    accepted_per_position: list[int]
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def acceptance_rate_per_position(self) -> list[float]:
+        steps = self.num_draft_tokens // max(len(self.accepted_per_position), 1)
+        return [a / steps if steps else 0.0 for a in self.accepted_per_position]
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verify step (accepted drafts + the one the target adds)."""
+        steps = self.num_draft_tokens // max(len(self.accepted_per_position), 1)
+        return 1.0 + self.num_accepted_tokens / steps if steps else 0.0
 
 
 @dataclasses.dataclass
@@ -108,8 +133,7 @@ class LLM:
         self.model_path = Path(model) if model is not None else default_model_dir()
         if dtype == "auto":
             dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
-        if speculative_config is not None:
-            raise ValueError("speculative_config: MTP speculative decoding is not in this build")
+        num_spec = parse_speculative_config(speculative_config)
         options = options or RuntimeOptions()
         shardings_fn = place_cache = None
         if tensor_parallel_size != 1:
@@ -140,8 +164,12 @@ class LLM:
             )
         self.engine_config = EngineConfig(
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, prefill_chunk=prefill_chunk,
-            decode_block=decode_block, seed=seed,
+            decode_block=decode_block, seed=seed, num_speculative_tokens=num_spec,
         )
+        if num_spec and self.model.mtp is None:
+            raise ValueError(
+                f"speculative_config: {self.model_path} has no MTP layers (no mtp.* tensors)"
+            )
         param_bytes = sum(x.nbytes for x in jax.tree.leaves(self.model))
         check_memory(cfg, self.engine_config, param_bytes, utilization=gpu_memory_utilization)
         self.eos_ids = eos_token_ids(self.generation_config, cfg, self.tokenizer)
@@ -232,11 +260,35 @@ class LLM:
     def _output(self, req: Request, prompt, *, in_reasoning: bool, chat: bool) -> RequestOutput:
         text = self._final_text(req)
         reasoning, content = split_reasoning(text, in_reasoning) if chat else (None, text)
+        spec = None
+        if self.engine.k:
+            spec = SpecDecodeStats(req.spec_steps * self.engine.k, sum(req.spec_accepted),
+                                   list(req.spec_accepted))
         comp = CompletionOutput(0, text, list(req.output_ids), req.finish_reason, req.stop_reason,
-                                reasoning, content)
+                                reasoning, content, spec)
         metrics = RequestMetrics(req.arrival, req.first_token_time, req.finish_time or time.perf_counter())
         return RequestOutput(req.request_id, prompt if isinstance(prompt, str) else None,
                              req.prompt_ids, [comp], req.finished, metrics)
+
+
+def parse_speculative_config(config: dict | str | None) -> int:
+    """vLLM's --speculative-config -> number of MTP draft tokens (0: off)."""
+    if config is None:
+        return 0
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"speculative_config is not valid JSON: {config!r} ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"speculative_config must be a JSON object, got {config!r}")
+    method = config.get("method", "qwen3_next_mtp")
+    if method not in ("qwen3_next_mtp", "mtp"):
+        raise ValueError(f"speculative_config.method={method!r}; allowed: 'qwen3_next_mtp', 'mtp'")
+    k = config.get("num_speculative_tokens", 1)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 4:
+        raise ValueError(f"speculative_config.num_speculative_tokens={k!r}; allowed: 1..4")
+    return k
 
 
 def eos_token_ids(generation_config: dict, cfg, tokenizer) -> list[int]:
