@@ -175,6 +175,8 @@ class AsyncEngine:
                     self._add(sub)
                 for rid in aborts:
                     self._abort(rid)
+                if inbox or aborts:
+                    self._update_gauges()  # an abort shows at once, not after the next block
                 if self.engine.has_work():
                     for req, new in self.engine.step():
                         self._emit(req, new)
