@@ -46,7 +46,8 @@ def test_chat_streaming_matches_spec_and_non_streaming(client, served):
                                                  stream_options={"include_usage": True}))
     first, *middle, usage_chunk = chunks
     assert first.choices[0].delta.role == "assistant" and first.choices[0].delta.content == ""
-    assert usage_chunk.choices == [] and usage_chunk.usage.completion_tokens == full.usage.completion_tokens
+    assert usage_chunk.choices == []
+    assert usage_chunk.usage.completion_tokens == full.usage.completion_tokens
     finishes = [c.choices[0].finish_reason for c in middle]
     assert finishes[-1] == "stop" and not any(finishes[:-1])  # on the last content chunk only
     content = "".join(c.choices[0].delta.content or "" for c in middle)
@@ -73,7 +74,8 @@ def test_completions_string_list_and_token_ids(client, served):
                                               temperature=0, stream=True,
                                               stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in streamed[:-1]) == a.choices[0].text
-    assert streamed[-2].choices[0].finish_reason == "length" and streamed[-1].usage.completion_tokens == 20
+    assert streamed[-2].choices[0].finish_reason == "length"
+    assert streamed[-1].usage.completion_tokens == 20
 
 
 def test_stop_string_cut_same_streaming(client):
@@ -98,7 +100,8 @@ def test_seeded_sampling_repeats(client):
 
 def test_n_choices(client):
     r = client.chat.completions.create(model="qnext-demo", temperature=1.0, seed=1, n=3,
-                                       max_tokens=12, messages=[{"role": "user", "content": QUESTION}])
+                                       max_tokens=12, extra_body={"ignore_eos": True},
+                                       messages=[{"role": "user", "content": QUESTION}])
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert r.usage.completion_tokens == 36
 
