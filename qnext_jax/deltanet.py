@@ -66,7 +66,8 @@ class GatedDeltaNet(nnx.Module):
             if slots is not None:
                 conv_in, state_in = slots.gather(conv_in), slots.gather(state_in)
         mixed = jnp.where(valid[..., None], mixed, 0)
-        conv_out, _ = ops.causal_conv1d(mixed, self.conv_w[...], conv_in, impl=self.gdn_impl)
+        conv_out, _ = ops.causal_conv1d(mixed, self.conv_w[...], conv_in, impl=self.gdn_impl,
+                                        mesh=self.mesh)
         conv_out = conv_out.reshape(B, T, H, 2 * K + R * V)
         q, k = conv_out[..., :K], conv_out[..., K : 2 * K]
         v = conv_out[..., 2 * K :].reshape(B, T, HV, V)
@@ -83,7 +84,7 @@ class GatedDeltaNet(nnx.Module):
 
         result = ops.gated_delta_rule(
             q, k, v, g, beta, initial_state=state_in, impl=self.gdn_impl,
-            chunk_size=self.chunk_size, return_all_states=return_all_states,
+            chunk_size=self.chunk_size, return_all_states=return_all_states, mesh=self.mesh,
         )
         o, state = result[0], result[1]
         y = self.norm(o, z).reshape(B, T, HV * V)

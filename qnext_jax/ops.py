@@ -31,18 +31,27 @@ def _kernel(module: str, name: str):
 
 
 # ---- gated delta rule ------------------------------------------------------------------------
+# logical axes of the kernels' operands: split per head over a mesh (sharding.per_shard)
+QK_AXES, V_AXES = ("batch", None, "k_heads", None), ("batch", None, "v_heads", None)
+GATE_AXES, STATE_AXES = ("batch", None, "v_heads"), ("batch", "v_heads", None, None)
+ALL_STATES_AXES = ("batch", None, "v_heads", None, None)
+CONV_AXES = ("batch", None, "k_heads")  # x, y, state: channels grouped per key head
+
+
 def gated_delta_rule(
     q, k, v, g, beta, *, initial_state=None, impl: str = "auto", chunk_size: int = 64,
-    return_all_states: bool = False,
+    return_all_states: bool = False, mesh=None,
 ):
     """q, k [B,T,H,K] (raw: l2-normalised and scaled here), v [B,T,HV,V], g/beta [B,T,HV],
-    state [B,HV,K,V] fp32 -> (o [B,T,HV,V], final state[, states after each position])."""
+    state [B,HV,K,V] fp32 -> (o [B,T,HV,V], final state[, states after each position]).
+    With a mesh the Pallas kernels run per device on its heads; the jnp references are
+    partitioned by GSPMD."""
     T = q.shape[1]
     kw = dict(initial_state=initial_state, use_qk_l2norm=True)
     if return_all_states:
         step = _kernel("pallas_kernels.gated_delta_rule", "fused_recurrent_gated_delta_rule")
         if impl in ("auto", "pallas") and on_gpu() and step is not None:
-            return step(q, k, v, g, beta, return_all_states=True, **kw)
+            return _gdn_kernel(step, mesh, q, k, v, g, beta, initial_state, return_all_states=True)
         return recurrent_gated_delta_rule(q, k, v, g, beta, return_all_states=True, **kw)
     if impl == "auto":
         impl = "pallas" if on_gpu() else ("recurrent" if T <= 8 else "chunked")
@@ -50,7 +59,8 @@ def gated_delta_rule(
         name = "fused_recurrent_gated_delta_rule" if T <= 8 else "chunk_gated_delta_rule"
         kernel = _kernel("pallas_kernels.gated_delta_rule", name)
         if kernel is not None:
-            return kernel(q, k, v, g, beta, interpret=not on_gpu(), **kw)
+            interpret = not on_gpu()
+            return _gdn_kernel(kernel, mesh, q, k, v, g, beta, initial_state, interpret=interpret)
         impl = "chunked"
     if impl == "recurrent":
         return recurrent_gated_delta_rule(q, k, v, g, beta, **kw)
@@ -59,14 +69,39 @@ def gated_delta_rule(
     raise ValueError(f"gdn_impl={impl!r}; allowed: 'auto', 'pallas', 'chunked', 'recurrent'")
 
 
+def _gdn_kernel(kernel, mesh, q, k, v, g, beta, initial_state, **kw):
+    if initial_state is None and mesh is not None:  # shard_map needs an array to split
+        (B, _, _, K), (HV, V) = q.shape, v.shape[2:]
+        initial_state = jnp.zeros((B, HV, K, V), jnp.float32)
+
+    def run(q, k, v, g, beta, state):
+        return tuple(kernel(q, k, v, g, beta, initial_state=state, use_qk_l2norm=True, **kw))
+
+    out_axes = (V_AXES, STATE_AXES, ALL_STATES_AXES)[: 3 if kw.get("return_all_states") else 2]
+    in_axes = (QK_AXES, QK_AXES, V_AXES, GATE_AXES, GATE_AXES, STATE_AXES)
+    return sharding.per_shard(run, mesh, in_axes, out_axes)(q, k, v, g, beta, initial_state)
+
+
 # ---- causal depthwise conv1d ---------------------------------------------------------------
-def causal_conv1d(x, weight, initial_state=None, *, impl: str = "auto"):
+def causal_conv1d(x, weight, initial_state=None, *, impl: str = "auto", mesh=None):
     """x [B,T,C], weight [W,C], state [B,W-1,C] -> (silu(conv(x)) [B,T,C], state)."""
     if impl in ("auto", "pallas") and on_gpu():
         kernel = _kernel("pallas_kernels.causal_conv1d", "causal_conv1d")
         if kernel is not None:
-            return kernel(x, weight, initial_state, activation="silu")
+            return conv_per_shard(kernel, mesh, x, weight, initial_state)
     return causal_conv1d_ref(x, weight, initial_state, activation="silu")
+
+
+def conv_per_shard(kernel, mesh, x, weight, initial_state, **kw):
+    """The conv kernel on each device's channels (they are grouped per key head)."""
+    if initial_state is None and mesh is not None:
+        initial_state = jnp.zeros((x.shape[0], weight.shape[0] - 1, x.shape[2]), x.dtype)
+
+    def run(x, weight, state):
+        return tuple(kernel(x, weight, state, activation="silu", **kw))
+
+    in_axes = (CONV_AXES, (None, "k_heads"), CONV_AXES)
+    return sharding.per_shard(run, mesh, in_axes, (CONV_AXES, CONV_AXES))(x, weight, initial_state)
 
 
 # ---- attention -----------------------------------------------------------------------------

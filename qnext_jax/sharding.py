@@ -14,6 +14,7 @@ Model code names logical axes only; the physical names "ep" / "tp" appear in thi
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -165,7 +166,8 @@ def shard_params(model, *, mesh: Mesh, cfg: Qwen3NextConfig):
     shardings = dict(nnx.to_flat_state(param_shardings(params, mesh=mesh, cfg=cfg)))
     flat = list(nnx.to_flat_state(params))
     placed = place([v[...] for _, v in flat], [shardings[p] for p, _ in flat])
-    nnx.update(model, nnx.from_flat_state([(p, v.replace(x)) for (p, v), x in zip(flat, placed)]))
+    placed = [(p, v.replace(x)) for (p, v), x in zip(flat, placed, strict=True)]
+    nnx.update(model, nnx.from_flat_state(placed))
     return model
 
 
@@ -192,7 +194,36 @@ def shard_cache(cache, *, mesh: Mesh, cfg: Qwen3NextConfig | None = None):
     return place(cache, cache_shardings(cache, mesh=mesh, cfg=cfg))
 
 
+def init_cache(model, batch: int, max_len: int, *, mesh: Mesh, cfg: Qwen3NextConfig | None = None,
+               **kw):
+    """model.init_cache(batch, max_len, **kw) created directly split over the mesh (no device
+    ever holds the whole cache; works across processes)."""
+    make = functools.partial(model.init_cache, batch, max_len, **kw)
+    shardings = cache_shardings(jax.eval_shape(make), mesh=mesh, cfg=cfg)
+    return jax.jit(make, out_shardings=shardings)()
+
+
 # ---- shard_map helpers ----------------------------------------------------------------------
+def _is_axes(x) -> bool:
+    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
+def per_shard(fn, mesh: Mesh | None, in_axes, out_axes):
+    """fn run on each device's slice (shard_map), with inputs and outputs given by logical axes.
+
+    For kernels: GSPMD cannot split a Pallas call, it would gather every head onto every device.
+    The axes must divide (heads do: make_mesh checks). Without a mesh, fn itself."""
+    if mesh is None or mesh.size == 1:
+        return fn
+
+    def specs(tree):
+        return jax.tree.map(lambda axes: PartitionSpec(*(RULES[a] if a else None for a in axes)),
+                            tree, is_leaf=_is_axes)
+
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs(in_axes), out_specs=specs(out_axes),
+                         check_vma=False)
+
+
 def expert_parallel_size(mesh: Mesh | None) -> int:
     return 1 if mesh is None else _mesh_size(mesh, RULES["experts"])
 
