@@ -237,9 +237,9 @@ class AsyncEngine:
             for _ in new:
                 self.metrics.itl.observe(gap)
         sub.last_token_time = now
-        # MTP statistics, once the engine keeps them on the Request (cumulative counts)
-        draft = getattr(req, "num_draft_tokens", 0) or 0
-        accepted = getattr(req, "num_accepted_tokens", 0) or 0
+        # MTP statistics, cumulative on the Request: verify steps x k drafts, accepted per position
+        draft = (getattr(req, "spec_steps", 0) or 0) * getattr(self.engine, "k", 0)
+        accepted = sum(getattr(req, "spec_accepted", None) or ())
         self.metrics.spec_draft.inc(max(0, draft - sub.spec_seen[0]))
         self.metrics.spec_accepted.inc(max(0, accepted - sub.spec_seen[1]))
         sub.spec_seen = (draft, accepted)

@@ -1,5 +1,5 @@
-"""`python -m qnext_jax.serve` as users start it: a subprocess on a free loopback port, stopped
-by this test (by its own pid)."""
+"""`python -m qnext_jax.serve` as users start it (here with MTP speculative decoding): a
+subprocess on a free loopback port, stopped by this test (by its own pid)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import time
 
 import httpx
-from conftest import JAX_CACHE, free_port
+from conftest import JAX_CACHE, free_port, metric
 
 
 def _env():
@@ -22,7 +22,8 @@ def test_cli_serves_the_embedded_model():
     cmd = [sys.executable, "-m", "qnext_jax.serve", "--host", "127.0.0.1", "--port", str(port),
            # the in-process fixture's cache geometry: warm-up shapes come from XLA's disk cache
            "--max-model-len", "512", "--max-num-seqs", "8", "--seed", "1",
-           "--served-model-name", "demo", "alias", "--log-level", "warning"]
+           "--served-model-name", "demo", "alias", "--log-level", "warning",
+           "--speculative-config", '{"method": "qwen3_next_mtp", "num_speculative_tokens": 1}']
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -42,6 +43,9 @@ def test_cli_serves_the_embedded_model():
                        json={"model": "alias", "prompt": "1 + 1 =", "max_tokens": 4})
         assert r.status_code == 200 and r.json()["model"] == "demo"
         assert r.json()["usage"]["prompt_tokens"] == 5
+        draft = metric(base, "qnext:spec_decode_num_draft_tokens_total")
+        accepted = metric(base, "qnext:spec_decode_num_accepted_tokens_total")
+        assert 0 < draft and 0 <= accepted <= draft  # MTP drafts were proposed and counted
     finally:
         proc.terminate()
         try:
