@@ -8,7 +8,8 @@ expert group is replicated over "tp".
 
 Parameters carry their logical axes as `axes` metadata (set where the model creates them;
 LayerStack prepends "layers"). Activations are constrained with `constrain` at block boundaries;
-only the routed experts use `shard_map` (manual collectives, `expert_parallel`).
+everything else is GSPMD. `shard_map` only where collectives are manual or GSPMD cannot see
+inside: the routed experts (`expert_parallel`) and the Pallas kernels (`per_shard`).
 Model code names logical axes only; the physical names "ep" / "tp" appear in this file alone.
 """
 
@@ -43,6 +44,8 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "ffw": TENSOR,  # shared expert and dense MLP intermediate
     "vocab": TENSOR,  # embedding rows, lm_head columns
     "experts": EP,  # routed experts (ops.moe_experts runs them in expert_parallel)
+    # routed experts' F is never split: gate_up is [E, D, gate F | up F], an even split of 2F
+    # would put gate and up on different devices
 }
 
 
