@@ -133,9 +133,16 @@ def moe_experts(x, weights, experts, w_gate_up, w_down, *, impl: str = "auto", m
     says why psum rather than all-to-all)."""
     N, k = experts.shape
     if impl == "auto":
-        impl = "gather" if N * k <= 64 else "ragged"
-    if impl not in ("gather", "ragged", "dense"):
-        raise ValueError(f"moe_impl={impl!r}; allowed: 'auto', 'gather', 'ragged', 'dense'")
+        # GPU: lax.ragged_dot falls back to a dense matmul over all groups there, so large
+        # batches use the capacity-padded grouped path; small ones read only touched experts.
+        if on_gpu():
+            impl = "gather" if N * k <= 512 else "grouped"
+        else:
+            impl = "gather" if N * k <= 64 else "ragged"
+    if impl not in ("gather", "ragged", "dense", "grouped"):
+        raise ValueError(
+            f"moe_impl={impl!r}; allowed: 'auto', 'gather', 'ragged', 'dense', 'grouped'"
+        )
     routed = functools.partial(_routed_experts, impl=impl)
     if sharding.expert_parallel_size(mesh) > 1:
         out = sharding.expert_parallel(routed, mesh, x, weights, experts, w_gate_up, w_down)
@@ -148,8 +155,9 @@ def _routed_experts(x, weights, experts, w_gate_up, w_down, *, impl):
     """fp32 [N,D]; ids outside [0, E) (experts held by another device) contribute nothing."""
     E = w_gate_up.shape[0]
     here = (experts >= 0) & (experts < E)  # [N,k]
-    if impl == "ragged":
-        h = _expert_ragged(x, jnp.where(here, experts, E), w_gate_up, w_down)  # E: sorted last
+    if impl in ("ragged", "grouped"):
+        grouped = _expert_ragged if impl == "ragged" else _expert_grouped
+        h = grouped(x, jnp.where(here, experts, E), w_gate_up, w_down)  # E: sorted last
     else:
         clipped = jnp.clip(experts, 0, E - 1)
         h = (_expert_gather if impl == "gather" else _expert_dense)(x, clipped, w_gate_up, w_down)
@@ -188,3 +196,34 @@ def _expert_ragged(x, experts, w_gate_up, w_down):
     h = jax.lax.ragged_dot(_swiglu(gu), w_down.astype(x.dtype), sizes)
     out = jnp.zeros_like(h).at[order].set(h)
     return out.reshape(N, k, -1)
+
+
+def _expert_grouped(x, experts, w_gate_up, w_down, capacity: int | None = None):
+    """Dropless grouped matmul in plain XLA: the (token, slot) rows sorted by expert are laid
+    out [E, C, D] with a static capacity C (about twice the mean load), one batched matmul per
+    projection; an expert with more than C rows takes further passes (a while loop). Ids == E
+    (experts on another device) are skipped. Returns [N, k, D]."""
+    N, k = experts.shape
+    E, D = w_gate_up.shape[0], x.shape[1]
+    M = N * k
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sorted_e = flat[order]
+    counts = jnp.bincount(flat, length=E + 1)[:E]
+    starts = jnp.cumsum(counts) - counts
+    rank = jnp.arange(M) - starts[jnp.clip(sorted_e, 0, E - 1)]  # position within its expert
+    C = capacity or min(M, max(8, -(-2 * M // E + 7) // 8 * 8))
+    rows = x[order // k]  # [M, D]
+    n_pass = (jnp.max(counts) + C - 1) // C
+
+    def one_pass(p, out):
+        sel = (rank >= p * C) & (rank < (p + 1) * C) & (sorted_e < E)
+        slot = jnp.where(sel, sorted_e * C + rank - p * C, E * C)  # out of range: dropped
+        buf = jnp.zeros((E * C, D), x.dtype).at[slot].set(rows, mode="drop").reshape(E, C, D)
+        gu = jnp.einsum("ecd,edf->ecf", buf, w_gate_up.astype(x.dtype))
+        h = jnp.einsum("ecf,efd->ecd", _swiglu(gu), w_down.astype(x.dtype)).reshape(E * C, D)
+        got = jnp.take(h, slot, axis=0, mode="fill", fill_value=0)
+        return out + jnp.where(sel[:, None], got, 0).astype(out.dtype)
+
+    out = jax.lax.fori_loop(0, n_pass, one_pass, jnp.zeros((M, D), x.dtype))
+    return jnp.zeros_like(out).at[order].set(out).reshape(N, k, D)
