@@ -258,6 +258,8 @@ def expert_parallel(local_fn, mesh: Mesh, x, weights, experts, w_gate_up, w_down
         return jax.lax.psum(local_fn(x, weights, ids, gu, down), axis)
 
     rep = PartitionSpec()
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(rep, rep, rep, w_spec, w_spec), out_specs=rep)
+    # check_vma off: local loops (the grouped path's fori_loop) start from unvarying zeros
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(rep, rep, rep, w_spec, w_spec), out_specs=rep,
+                       check_vma=False)
     return fn(x, weights, experts, w_gate_up, w_down)
 

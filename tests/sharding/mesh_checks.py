@@ -52,7 +52,7 @@ def test_sharded_forward_equals_unsharded(tp, ep):
     assert np.max(np.abs(got - want)) / np.max(np.abs(want)) <= 1e-5
 
 
-@pytest.mark.parametrize("impl", ["gather", "ragged", "dense"])
+@pytest.mark.parametrize("impl", ["gather", "ragged", "dense", "grouped"])
 def test_expert_parallel_moe_equals_unsharded(impl):
     """Every expert path inside the expert-parallel shard_map (the forward tests hit only the
     decode-size gather path), on 8 devices with 2 experts each and a (4, 2) mesh."""
