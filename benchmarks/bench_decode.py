@@ -119,8 +119,14 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--hf-batch", type=int, nargs="*", default=[1, 8])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--dry-run", action="store_true", help="tiny config on the CPU: checks the script")
     args = ap.parse_args()
     cfg = truncated_config(args.layers)
+    if args.dry_run:
+        from qnext_jax.config import tiny_config
+
+        cfg = tiny_config(vocab_size=1024, num_hidden_layers=args.layers,
+                          layer_types=default_layer_types(args.layers, 4))
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {args.layers}-layer 80B slice",
           flush=True)
     t = time.perf_counter()
@@ -154,9 +160,10 @@ def main():
                 if r["case"].startswith(f"decode B={b} "):
                     r["hf_ms"] = hf * 1e3
                     r["hf_over_ours"] = hf * 1e3 / r["ours_ms"]
+            print(f"HF B={b}: {hf * 1e3:.3f} ms/step", flush=True)
         except Exception as e:
             rows.append(dict(case=f"HF B={b}", error=repr(e)[:300]))
-        print(rows[-1], flush=True)
+            print(rows[-1], flush=True)
     print("\n| case | ours ms/step | HF ms/step | HF/ours | floor ms | ours/floor | compile s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

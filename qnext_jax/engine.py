@@ -270,7 +270,9 @@ class Engine:
     def _admission(self, reqs, P, rows):
         """Host arrays describing the admitted rows, padded to P."""
         vals = collections.defaultdict(list)
-        prompts = np.full((P, max(len(r.prompt_ids) for r in reqs)), -1, np.int32)
+        # width bucketed (no recompile per prompt length); padding id V is dropped by the scatter
+        width = _bucket(max(len(r.prompt_ids) for r in reqs), self.cfg.max_model_len, minimum=16)
+        prompts = np.full((P, width), self.vocab, np.int32)
         for i, r in enumerate(reqs):
             p = r.params
             stop = ([] if p.ignore_eos else self.eos_ids) + p.stop_token_ids
@@ -305,8 +307,8 @@ class Engine:
         # the MTP head's KV cache covers the prompt too: it reads (h_i, x_{i+1}) at position i
         return model.mtp_forward(following, out.hidden, positions, out.cache, slots=slots)[1]
 
-    @staticmethod
-    def _admit_impl(state: Slots, rows, plain, sampler: SamplerRows, prompts):
+    def _admit_impl(self, state: Slots, rows, plain, sampler: SamplerRows, prompts):
+        self.compiles["admit", prompts.shape] += 1
         put = lambda x, v: x.at[rows].set(v.astype(x.dtype), mode="drop")
         P = rows.shape[0]
         V = state.counts.shape[1]

@@ -55,9 +55,9 @@ def _conv_kernel(x_ref, w_ref, s0_ref, y_ref, *, block_t: int, activation: str |
 def _conv_call(x, weight, state, *, activation, block_t, blocks: ConvBlocks, interpret):
     B, T, C = x.shape
     W = weight.shape[0]
-    BC = min(blocks.block_c, C)
-    if C % BC or BC & (BC - 1):
-        raise ValueError(f"channels C={C} must be a multiple of block_c={BC} (a power of 2)")
+    BC = min(blocks.block_c, C & -C)  # a power of two that divides C (C=384 -> 128)
+    if BC & (BC - 1):
+        raise ValueError(f"block_c={blocks.block_c} must be a power of 2")
     if W < 2:
         raise ValueError(f"weight must have W >= 2 taps, got shape {tuple(weight.shape)}")
     try:
