@@ -81,3 +81,14 @@ def test_conv_contract_violations_raise():
         causal_conv1d_update(jnp.concatenate([x, x, x], axis=1), w, s0, interpret=INTERPRET)
     with pytest.raises(ValueError, match="activation"):
         causal_conv1d(x, w, activation="relu", interpret=INTERPRET)
+
+
+def test_channel_count_not_a_multiple_of_the_block():
+    """C = 48 with block_c 32: the kernel takes the largest power-of-two block dividing C (16)
+    (the demo model's GDN has 384 channels, the default block 256)."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((1, 20, 48)), jnp.float32)
+    w = jnp.asarray(0.5 * rng.standard_normal((W, 48)), jnp.float32)
+    y, st = run(causal_conv1d, x, w, None, interpret=INTERPRET, blocks=BLOCKS)
+    y_ref, st_ref = causal_conv1d_ref(x, w, None)
+    assert rel_err(y, y_ref) < TOL[jnp.float32] and rel_err(st, st_ref) == 0.0
