@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 import qnext_convert
-from conftest import jax_logits
+from model_utils import jax_logits
 from flax import nnx
 from qnext_convert import CheckpointError
 from safetensors.numpy import load_file, save_file

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import jax_logits
+from model_utils import jax_logits
 
 import hf_utils
 import qnext_jax

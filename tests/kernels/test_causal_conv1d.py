@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import INTERPRET, rel_err, run
+from kernel_utils import INTERPRET, rel_err, run
 
 from pallas_kernels.causal_conv1d import (
     ConvBlocks,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import pytest
-from conftest import INTERPRET, TOL, gdn_inputs, rel_err, run
+from kernel_utils import INTERPRET, TOL, gdn_inputs, rel_err, run
 
 from pallas_kernels.gated_delta_rule import (
     ChunkBlocks,

@@ -9,7 +9,7 @@ import copy
 import hf_utils
 import numpy as np
 import pytest
-from conftest import jax_logits, read_config, rel_err
+from model_utils import jax_logits, read_config, rel_err
 
 import qnext_jax
 

@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from conftest import jax_logits, rel_err
+from model_utils import jax_logits, rel_err
 from flax import nnx
 
 TOL = 1e-5  # fp32, relative to the largest |logit|

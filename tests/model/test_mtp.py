@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import read_config, rel_err
+from model_utils import read_config, rel_err
 from flax import nnx
 from safetensors.numpy import load_file
 

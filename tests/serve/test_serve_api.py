@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from conftest import MAX_MODEL_LEN, chat_body, metric, sse_events
+from serve_utils import MAX_MODEL_LEN, chat_body, metric, sse_events
 
 QUESTION = "What is 23 + 45?"
 

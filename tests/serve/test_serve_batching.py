@@ -8,7 +8,7 @@ import random
 import time
 
 import httpx
-from conftest import MAX_NUM_SEQS, chat_body, metric
+from serve_utils import MAX_NUM_SEQS, chat_body, metric
 
 # Two-digit operands: every prompt is 18 tokens, so admissions compile few shapes
 QUESTIONS = [f"What is {a} + {b}?" for a, b in

@@ -9,7 +9,7 @@ import sys
 import time
 
 import httpx
-from conftest import JAX_CACHE, free_port, metric
+from serve_utils import JAX_CACHE, free_port, metric
 
 
 def _env():

@@ -10,7 +10,7 @@ import types
 
 import httpx
 import pytest
-from conftest import start
+from serve_utils import start
 
 from qnext_jax.engine import Request
 

@@ -7,7 +7,7 @@ import asyncio
 import json
 
 import httpx
-from conftest import MAX_MODEL_LEN, chat_body
+from serve_utils import MAX_MODEL_LEN, chat_body
 
 CHAT, COMP = "/v1/chat/completions", "/v1/completions"
 OK_CHAT = chat_body("What is 12 + 34?", max_tokens=6)
