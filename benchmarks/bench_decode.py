@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from qnext_jax.config import QWEN3_NEXT_80B_A3B, FULL, RuntimeOptions, default_layer_types  # noqa: E402
+from qnext_jax.config import FULL, QWEN3_NEXT_80B_A3B, RuntimeOptions, default_layer_types  # noqa: E402
 from qnext_jax.engine import Engine, EngineConfig  # noqa: E402
 from qnext_jax.model import Qwen3NextForCausalLM  # noqa: E402
 from qnext_jax.sampling import SamplingParams  # noqa: E402
@@ -43,30 +43,54 @@ def truncated_config(layers: int):
 
 def floor_seconds(cfg, batch: int, context: int) -> float:
     """Bytes a decode step reads (bf16 weights touched, KV, GDN state read + write) / HBM."""
-    D, E, F, k = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size, cfg.num_experts_per_tok
+    D, E, F, k = (
+        cfg.hidden_size,
+        cfg.num_experts,
+        cfg.moe_intermediate_size,
+        cfg.num_experts_per_tok,
+    )
     touched = E * (1 - (1 - k / E) ** batch)
     expert = 3 * D * F * 2
     shared = 3 * D * cfg.shared_expert_intermediate_size * 2 + D * 2 + D * E * 2
     n_full = sum(t == FULL for t in cfg.layer_types)
     n_lin = cfg.num_hidden_layers - n_full
-    attn = (D * cfg.num_attention_heads * cfg.head_dim * 3 + 2 * D * cfg.num_key_value_heads * cfg.head_dim) * 2
-    gdn_w = (D * (2 * cfg.linear_key_dim + 2 * cfg.linear_value_dim) + D * 2 * cfg.linear_num_value_heads
-             + cfg.linear_value_dim * D) * 2
+    attn = (
+        D * cfg.num_attention_heads * cfg.head_dim * 3
+        + 2 * D * cfg.num_key_value_heads * cfg.head_dim
+    ) * 2
+    gdn_w = (
+        D * (2 * cfg.linear_key_dim + 2 * cfg.linear_value_dim)
+        + D * 2 * cfg.linear_num_value_heads
+        + cfg.linear_value_dim * D
+    ) * 2
     state = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4 * 2
     kv = 2 * context * cfg.num_key_value_heads * cfg.head_dim * 2
-    total = (cfg.num_hidden_layers * (touched * expert + shared) + n_full * (attn + batch * kv)
-             + n_lin * (gdn_w + batch * state) + cfg.vocab_size * D * 2)
+    total = (
+        cfg.num_hidden_layers * (touched * expert + shared)
+        + n_full * (attn + batch * kv)
+        + n_lin * (gdn_w + batch * state)
+        + cfg.vocab_size * D * 2
+    )
     return total / HBM_BPS
 
 
 def time_engine(model, batch: int, context: int, k: int, block: int, reps: int):
-    cfg = EngineConfig(max_num_seqs=batch, max_model_len=context + block * (reps + 2) * (k + 1) + 8,
-                       decode_block=block, num_speculative_tokens=k, prefill_chunk=1024)
+    cfg = EngineConfig(
+        max_num_seqs=batch,
+        max_model_len=context + block * (reps + 2) * (k + 1) + 8,
+        decode_block=block,
+        num_speculative_tokens=k,
+        prefill_chunk=1024,
+    )
     engine = Engine(model, cfg, eos_ids=[])
     rng = np.random.default_rng(0)
-    params = SamplingParams(max_tokens=block * (reps + 2) * (k + 1), temperature=0.0, ignore_eos=True)
-    reqs = [engine.add_request(list(map(int, rng.integers(0, 1000, context))), params)
-            for _ in range(batch)]
+    params = SamplingParams(
+        max_tokens=block * (reps + 2) * (k + 1), temperature=0.0, ignore_eos=True
+    )
+    reqs = [
+        engine.add_request(list(map(int, rng.integers(0, 1000, context))), params)
+        for _ in range(batch)
+    ]
     t0 = time.perf_counter()
     engine.step(block=block)  # prefill + compile + one block
     compile_s = time.perf_counter() - t0
@@ -87,7 +111,9 @@ def time_hf(cfg, batch: int, context: int, n1=8, n2=40):
     from transformers import Qwen3NextConfig as HFConfig
     from transformers import Qwen3NextForCausalLM as HFModel
 
-    hf_cfg = HFConfig(**{k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "model_type")})
+    hf_cfg = HFConfig(
+        **{k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "model_type")}
+    )
     with torch.device("cuda"):
         model = HFModel(hf_cfg).to(torch.bfloat16).eval()
     ids = torch.randint(0, 1000, (batch, context), device="cuda")
@@ -97,16 +123,20 @@ def time_hf(cfg, batch: int, context: int, n1=8, n2=40):
         torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.no_grad():
-            model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           eos_token_id=None, pad_token_id=0)
+            model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
         torch.cuda.synchronize()
         return time.perf_counter() - t
 
     run(n1)
-    per = statistics.median([(run(n2) - run(n1)) / (n2 - n1) for _ in range(2)])
-    del model
-    torch.cuda.empty_cache()
-    return per
+    return statistics.median([(run(n2) - run(n1)) / (n2 - n1) for _ in range(2)])
 
 
 def main():
@@ -119,36 +149,59 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--hf-batch", type=int, nargs="*", default=[1, 8])
     ap.add_argument("--json", default=None)
-    ap.add_argument("--dry-run", action="store_true", help="tiny config on the CPU: checks the script")
+    ap.add_argument(
+        "--dry-run", action="store_true", help="tiny config on the CPU: checks the script"
+    )
     args = ap.parse_args()
     cfg = truncated_config(args.layers)
     if args.dry_run:
         from qnext_jax.config import tiny_config
 
-        cfg = tiny_config(vocab_size=1024, num_hidden_layers=args.layers,
-                          layer_types=default_layer_types(args.layers, 4))
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {args.layers}-layer 80B slice",
-          flush=True)
+        cfg = tiny_config(
+            vocab_size=1024,
+            num_hidden_layers=args.layers,
+            layer_types=default_layer_types(args.layers, 4),
+        )
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {args.layers}-layer 80B slice",
+        flush=True,
+    )
     t = time.perf_counter()
     model = Qwen3NextForCausalLM(cfg, RuntimeOptions(dtype="bfloat16"), rngs=nnx.Rngs(0))
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    print(f"random init {n_params / 1e9:.2f} B params in {time.perf_counter() - t:.1f} s", flush=True)
+    print(
+        f"random init {n_params / 1e9:.2f} B params in {time.perf_counter() - t:.1f} s", flush=True
+    )
     rows = []
     for b in args.batch:
         try:
             step, _, comp = time_engine(model, b, args.context, 0, args.block, args.reps)
-            rows.append(dict(case=f"decode B={b} ctx={args.context}", ours_ms=step * 1e3,
-                             floor_ms=floor_seconds(cfg, b, args.context) * 1e3, compile_s=comp))
+            rows.append(
+                dict(
+                    case=f"decode B={b} ctx={args.context}",
+                    ours_ms=step * 1e3,
+                    floor_ms=floor_seconds(cfg, b, args.context) * 1e3,
+                    compile_s=comp,
+                )
+            )
         except Exception as e:  # keep the other cases
             rows.append(dict(case=f"decode B={b}", error=repr(e)[:200]))
         print(rows[-1], flush=True)
-    base = next((r["ours_ms"] for r in rows if r["case"].startswith("decode B=1 ") and "ours_ms" in r), None)
+    base = next(
+        (r["ours_ms"] for r in rows if r["case"].startswith("decode B=1 ") and "ours_ms" in r), None
+    )
     for k in args.spec:
         try:
             step, tps, comp = time_engine(model, 1, args.context, k, args.block, args.reps)
-            rows.append(dict(case=f"MTP k={k} B=1 verify step", ours_ms=step * 1e3,
-                             vs_plain=step * 1e3 / base if base else None,
-                             tokens_per_step=tps, compile_s=comp))
+            rows.append(
+                dict(
+                    case=f"MTP k={k} B=1 verify step",
+                    ours_ms=step * 1e3,
+                    vs_plain=step * 1e3 / base if base else None,
+                    tokens_per_step=tps,
+                    compile_s=comp,
+                )
+            )
         except Exception as e:
             rows.append(dict(case=f"MTP k={k}", error=repr(e)[:200]))
         print(rows[-1], flush=True)
@@ -167,12 +220,21 @@ def main():
     print("\n| case | ours ms/step | HF ms/step | HF/ours | floor ms | ours/floor | compile s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        f = lambda key, fmt="{:.3f}": fmt.format(r[key]) if r.get(key) is not None else "-"
+
+        def f(key, fmt="{:.3f}", r=r):
+            return fmt.format(r[key]) if r.get(key) is not None else "-"
+
         ratio = r["ours_ms"] / r["floor_ms"] if r.get("floor_ms") and r.get("ours_ms") else None
-        extra = f" (x{r['vs_plain']:.2f} plain, {r['tokens_per_step']:.2f} tok/step)" if r.get("vs_plain") else ""
-        print(f"| {r['case']}{extra} | {f('ours_ms')} | {f('hf_ms')} | {f('hf_over_ours', '{:.1f}')} | "
-              f"{f('floor_ms')} | {'-' if ratio is None else f'{ratio:.1f}'} | {f('compile_s', '{:.1f}')} |"
-              + (f" error {r['error']}" if "error" in r else ""))
+        extra = (
+            f" (x{r['vs_plain']:.2f} plain, {r['tokens_per_step']:.2f} tok/step)"
+            if r.get("vs_plain")
+            else ""
+        )
+        print(
+            f"| {r['case']}{extra} | {f('ours_ms')} | {f('hf_ms')} | {f('hf_over_ours', '{:.1f}')} | "
+            f"{f('floor_ms')} | {'-' if ratio is None else f'{ratio:.1f}'} | {f('compile_s', '{:.1f}')} |"
+            + (f" error {r['error']}" if "error" in r else "")
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

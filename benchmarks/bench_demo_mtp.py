@@ -35,18 +35,29 @@ def main():
     args = ap.parse_args()
     llm = LLM(None, max_model_len=512, options=RuntimeOptions(gdn_impl=args.gdn_impl))
     tok = llm.tokenizer
-    qs = [ex.question for ex in heldout_set(n_per_level=args.questions)[-args.questions:]]
-    prompts = [tok.encode(render_chat(tok, [{"role": "user", "content": q}], {}), add_special_tokens=False)
-               for q in qs]
+    qs = [ex.question for ex in heldout_set(n_per_level=args.questions)[-args.questions :]]
+    prompts = [
+        tok.encode(render_chat(tok, [{"role": "user", "content": q}], {}), add_special_tokens=False)
+        for q in qs
+    ]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
-    print(f"jax {jax.__version__} {jax.devices()[0].device_kind}; dtype {llm.model.dtype}; "
-          f"{len(prompts)} held-out questions, batch {args.batch}")
+    print(
+        f"jax {jax.__version__} {jax.devices()[0].device_kind}; dtype {llm.model.dtype}; "
+        f"{len(prompts)} held-out questions, batch {args.batch}"
+    )
     rows, plain = [], None
     for k in (0, 1, 2, 3):
-        engine = Engine(llm.model, EngineConfig(max_num_seqs=args.batch, max_model_len=512,
-                                                num_speculative_tokens=k, decode_block=16),
-                        eos_ids=llm.eos_ids)
-        for timed in (False, True):
+        engine = Engine(
+            llm.model,
+            EngineConfig(
+                max_num_seqs=args.batch,
+                max_model_len=512,
+                num_speculative_tokens=k,
+                decode_block=16,
+            ),
+            eos_ids=llm.eos_ids,
+        )
+        for _ in range(2):  # the second run is timed
             reqs = [engine.add_request(p, params) for p in prompts]
             t = time.perf_counter()
             while engine.has_work():
@@ -62,8 +73,10 @@ def main():
     print("\n| k | tokens/s | speedup | acceptance per position | tokens per step | equals plain |")
     print("|---|---|---|---|---|---|")
     for k, tps, acc, tps_step, same in rows:
-        print(f"| {k} | {tps:.0f} | {tps / base:.2f}x | {', '.join(f'{a:.2f}' for a in acc) or '-'} "
-              f"| {tps_step:.2f} | {same} |")
+        print(
+            f"| {k} | {tps:.0f} | {tps / base:.2f}x | {', '.join(f'{a:.2f}' for a in acc) or '-'} "
+            f"| {tps_step:.2f} | {same} |"
+        )
 
 
 if __name__ == "__main__":

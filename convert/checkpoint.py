@@ -18,8 +18,14 @@ from .safetensors_io import SafetensorsCheckpoint
 log = logging.getLogger("qnext_convert")
 MARKER = "qnext_jax.json"  # present in a converted (orbax) directory
 SIDE_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
 )
 
 
@@ -68,8 +74,9 @@ def load_pretrained(path, opts, *, shardings_fn=None, progress=True):
     else:
         ckpt = SafetensorsCheckpoint(path)
         segments = segment_layers(cfg.layer_kinds())
-        params = load_params(params, cfg, ckpt, segments, dtype=dtype, shardings=shardings,
-                             progress=progress)
+        params = load_params(
+            params, cfg, ckpt, segments, dtype=dtype, shardings=shardings, progress=progress
+        )
     return nnx.merge(graphdef, params, rest)
 
 
@@ -86,8 +93,11 @@ def save_converted(model, hf_dir: str | Path, out_dir: str | Path) -> Path:
     for name in SIDE_FILES:
         if (Path(hf_dir) / name).exists():
             shutil.copy(Path(hf_dir) / name, out / name)
-    meta = {"format_version": 1, "num_mtp_layers": model.config.num_mtp_layers,
-            "dtype": str(model.dtype)}
+    meta = {
+        "format_version": 1,
+        "num_mtp_layers": model.config.num_mtp_layers,
+        "dtype": str(model.dtype),
+    }
     (out / MARKER).write_text(json.dumps(meta, indent=1))
     return out
 

@@ -31,7 +31,9 @@ def _leaf_sources(path, shape, cfg, segments, ckpt, conv_perm) -> list[LayerSour
         s, j, rest = path[1], path[4], ".".join(map(str, path[5:]))
         start, period, repeats = segments[s]
         return [
-            layer_source(f"model.layers.{start + r * period + j}.", rest, shape[1:], ckpt, conv_perm)
+            layer_source(
+                f"model.layers.{start + r * period + j}.", rest, shape[1:], ckpt, conv_perm
+            )
             for r in range(repeats)
         ]
     if path[0] == "mtp" and path[1] == "layers":
@@ -46,8 +48,10 @@ def plan(abstract_params, cfg, ckpt: SafetensorsCheckpoint, segments):
     Returns {path: (reader(index) -> np.ndarray)}. Raises CheckpointError listing every missing
     tensor or every shape mismatch; warns about checkpoint tensors nobody uses."""
     conv_perm = conv_channel_order(
-        cfg.linear_num_key_heads, cfg.linear_key_head_dim,
-        cfg.linear_num_value_heads, cfg.linear_value_head_dim,
+        cfg.linear_num_key_heads,
+        cfg.linear_key_head_dim,
+        cfg.linear_num_value_heads,
+        cfg.linear_value_head_dim,
     )
     readers: dict[tuple, Callable] = {}
     expected: dict[str, tuple[int, ...]] = {}
@@ -68,7 +72,8 @@ def plan(abstract_params, cfg, ckpt: SafetensorsCheckpoint, segments):
         )
     wrong = [
         f"{n}: expected {expected[n]}, found {ckpt.shape(n)}"
-        for n in sorted(expected) if ckpt.shape(n) != expected[n]
+        for n in sorted(expected)
+        if ckpt.shape(n) != expected[n]
     ]
     if wrong:
         raise CheckpointError(f"{ckpt.directory}: wrong tensor shape(s): " + "; ".join(wrong))
@@ -85,8 +90,16 @@ def _stacked_reader(sources: list[LayerSource], ckpt):
     return read
 
 
-def load_params(abstract_params, cfg, ckpt: SafetensorsCheckpoint, segments, *, dtype, shardings=None,
-                progress: bool = True):
+def load_params(
+    abstract_params,
+    cfg,
+    ckpt: SafetensorsCheckpoint,
+    segments,
+    *,
+    dtype,
+    shardings=None,
+    progress: bool = True,
+):
     """Fill an abstract parameter State from the checkpoint.
 
     shardings: a State of the same structure holding a jax.sharding.Sharding per leaf, or None
@@ -109,4 +122,3 @@ def load_params(abstract_params, cfg, ckpt: SafetensorsCheckpoint, segments, *, 
         array = jax.make_array_from_callback(shape, sharding, callback)
         out.append((path, var.replace(array) if hasattr(var, "replace") else array))
     return nnx.from_flat_state(out)
-

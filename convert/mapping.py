@@ -112,10 +112,12 @@ def layer_source(prefix: str, suffix: str, shape: tuple[int, ...], ckpt, conv_pe
         def read_gate_up(c, idx):
             out = []
             for e in range(E)[idx[0]]:
-                gu = np.concatenate([
-                    c.tensor(f"{name}.{e}.gate_proj.weight")[:, idx[1]],
-                    c.tensor(f"{name}.{e}.up_proj.weight")[:, idx[1]],
-                ])  # [2F, D-slice]
+                gu = np.concatenate(
+                    [
+                        c.tensor(f"{name}.{e}.gate_proj.weight")[:, idx[1]],
+                        c.tensor(f"{name}.{e}.up_proj.weight")[:, idx[1]],
+                    ]
+                )  # [2F, D-slice]
                 out.append(gu[idx[2]].T)
             return np.stack(out)
 
@@ -129,7 +131,7 @@ def layer_source(prefix: str, suffix: str, shape: tuple[int, ...], ckpt, conv_pe
     srcs = {f"{name}.{e}.down_proj.weight": (D, F) for e in range(E)}
     return LayerSource(
         srcs,
-        lambda c, idx: np.stack([
-            c.tensor(f"{name}.{e}.down_proj.weight")[idx[2], idx[1]].T for e in range(E)[idx[0]]
-        ]),
+        lambda c, idx: np.stack(
+            [c.tensor(f"{name}.{e}.down_proj.weight")[idx[2], idx[1]].T for e in range(E)[idx[0]]]
+        ),
     )

@@ -72,7 +72,9 @@ class SafetensorsCheckpoint:
         """A zero-copy read-only view of the tensor (pages load as they are touched)."""
         path, info = self._where[name]
         if info["dtype"] not in DTYPES:
-            raise ValueError(f"{name}: dtype {info['dtype']} is not supported; allowed: {sorted(DTYPES)}")
+            raise ValueError(
+                f"{name}: dtype {info['dtype']} is not supported; allowed: {sorted(DTYPES)}"
+            )
         if path not in self._maps:
             self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
         start, end = info["data_offsets"]

@@ -20,7 +20,12 @@ from qnext_jax.sharding import constrain
 
 class GatedAttention(nnx.Module):
     def __init__(self, cfg: Qwen3NextConfig, opts: RuntimeOptions, *, dtype, rngs):
-        D, H, KVH, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        D, H, KVH, Dh = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
         self.n_heads, self.n_kv_heads, self.head_dim = H, KVH, Dh
         heads, kv_heads = ("embed", "heads"), ("embed", "kv_heads")
         # q_proj: per head [q | gate], so splitting its columns by heads keeps the pairs together
@@ -32,7 +37,9 @@ class GatedAttention(nnx.Module):
         self.k_norm = RMSNorm(Dh, cfg.rms_norm_eps, dtype=dtype)
         self.impl, self.mesh = opts.attention_impl, opts.mesh
 
-    def __call__(self, x, cos, sin, positions, cache: KVCache | None, slots: CacheSlots | None = None):
+    def __call__(
+        self, x, cos, sin, positions, cache: KVCache | None, slots: CacheSlots | None = None
+    ):
         """x [B,T,D]; cos/sin [B,T,R]; positions [B,T] (-1: padding, writes nothing).
 
         Without a cache the T tokens attend among themselves; with one, K/V are written at
@@ -59,7 +66,9 @@ class GatedAttention(nnx.Module):
                 c.at[rows, slot].set(new.astype(c.dtype), mode="drop")
                 for c, new in ((cache.k, k), (cache.v, v))
             )
-            cache = KVCache(constrain(k_new, KV_AXES, self.mesh), constrain(v_new, KV_AXES, self.mesh))
+            cache = KVCache(
+                constrain(k_new, KV_AXES, self.mesh), constrain(v_new, KV_AXES, self.mesh)
+            )
             k_all, v_all = cache.k, cache.v
             if slots is not None:  # the rows of this batch (stale K/V beyond a position are masked)
                 k_all = jnp.take(k_all, slots.rows, axis=0, mode="clip")
@@ -67,8 +76,13 @@ class GatedAttention(nnx.Module):
             k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
         q_pos = jnp.where(positions >= 0, positions, -2)  # padded queries see nothing
         out = ops.attention(
-            q, k_all.astype(q.dtype), v_all.astype(q.dtype), q_pos, k_pos,
-            scale=Dh**-0.5, impl=self.impl,
+            q,
+            k_all.astype(q.dtype),
+            v_all.astype(q.dtype),
+            q_pos,
+            k_pos,
+            scale=Dh**-0.5,
+            impl=self.impl,
         )
         out = out.reshape(B, T, H * Dh) * jax.nn.sigmoid(gate)  # the output gate
         return self.o_proj(out), cache

@@ -70,7 +70,12 @@ def stacked(caches: list) -> KVCache | GDNCache:
 
 
 def cache_bytes(
-    cfg: Qwen3NextConfig, batch: int, max_len: int, *, kv_bytes: int = 2, state_bytes: int = 4,
+    cfg: Qwen3NextConfig,
+    batch: int,
+    max_len: int,
+    *,
+    kv_bytes: int = 2,
+    state_bytes: int = 4,
     mtp: bool = False,
 ) -> int:
     """Bytes the hybrid cache needs for `batch` sequences of up to `max_len` tokens."""

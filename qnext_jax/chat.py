@@ -62,7 +62,12 @@ class ReasoningStream:
             if self.mode == "pre":
                 s = self.buf.lstrip()
                 if s.startswith(THINK_OPEN):
-                    self.buf, self.mode, self.lead, self.had_reasoning = s[len(THINK_OPEN) :], "reasoning", True, True
+                    self.buf, self.mode, self.lead, self.had_reasoning = (
+                        s[len(THINK_OPEN) :],
+                        "reasoning",
+                        True,
+                        True,
+                    )
                     continue
                 if not final and THINK_OPEN.startswith(s):
                     break  # may still become <think>
@@ -77,7 +82,11 @@ class ReasoningStream:
                 at = self.buf.find(THINK_CLOSE)
                 if at >= 0:
                     reasoning += self.buf[:at].rstrip("\n")
-                    self.buf, self.mode, self.lead = self.buf[at + len(THINK_CLOSE) :], "content", True
+                    self.buf, self.mode, self.lead = (
+                        self.buf[at + len(THINK_CLOSE) :],
+                        "content",
+                        True,
+                    )
                     continue
                 if final:
                     reasoning += self.buf.rstrip("\n")

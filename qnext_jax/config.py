@@ -103,9 +103,17 @@ class Qwen3NextConfig:
     # ---- validation ----------------------------------------------------------------------
     def validate(self) -> None:
         positive = (
-            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "linear_num_key_heads", "linear_num_value_heads",
-            "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim",
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "linear_num_key_heads",
+            "linear_num_value_heads",
+            "linear_key_head_dim",
+            "linear_value_head_dim",
+            "linear_conv_kernel_dim",
             "max_position_embeddings",
         )
         for name in positive:
@@ -143,7 +151,9 @@ class Qwen3NextConfig:
                 f"[1, num_experts={self.num_experts}]"
             )
         if self.num_experts and self.moe_intermediate_size <= 0:
-            raise ValueError(f"config.moe_intermediate_size must be > 0, got {self.moe_intermediate_size}")
+            raise ValueError(
+                f"config.moe_intermediate_size must be > 0, got {self.moe_intermediate_size}"
+            )
         if any(not self.is_moe_layer(i) for i in range(self.num_hidden_layers)) and (
             self.intermediate_size <= 0
         ):
@@ -152,11 +162,15 @@ class Qwen3NextConfig:
                 "dense MLP (mlp_only_layers / decoder_sparse_step)"
             )
         if self.hidden_act != "silu":
-            raise ValueError(f"config.hidden_act={self.hidden_act!r} is not supported; allowed: 'silu'")
+            raise ValueError(
+                f"config.hidden_act={self.hidden_act!r} is not supported; allowed: 'silu'"
+            )
         if self.num_mtp_layers < 0:
             raise ValueError(f"config.num_mtp_layers must be >= 0, got {self.num_mtp_layers}")
         if self.rope_scaling is not None and self.rope_scaling.rope_type not in (
-            "default", "yarn", "linear",
+            "default",
+            "yarn",
+            "linear",
         ):
             raise ValueError(
                 f"config.rope_scaling.rope_type={self.rope_scaling.rope_type!r} is not supported; "
@@ -183,14 +197,18 @@ class Qwen3NextConfig:
             kw["layer_types"] = default_layer_types(n_layers, hf.get("full_attention_interval", 4))
         # transformers v5 folds rope_theta / rope_scaling / partial_rotary_factor into rope_parameters
         rope = dict(hf.get("rope_parameters") or {})
-        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        scaling = hf.get("rope_scaling") or (
+            rope if rope.get("rope_type", "default") != "default" else None
+        )
         if "rope_theta" not in hf and "rope_theta" in rope:
             kw["rope_theta"] = rope["rope_theta"]
         if "partial_rotary_factor" not in hf and "partial_rotary_factor" in rope:
             kw["partial_rotary_factor"] = rope["partial_rotary_factor"]
         kw["rope_scaling"] = _rope_scaling(scaling)
         if "num_mtp_layers" not in overrides:
-            kw["num_mtp_layers"] = hf.get("num_nextn_predict_layers", hf.get("mtp_num_hidden_layers", 1))
+            kw["num_mtp_layers"] = hf.get(
+                "num_nextn_predict_layers", hf.get("mtp_num_hidden_layers", 1)
+            )
         if isinstance(kw.get("eos_token_id"), list):
             kw["eos_token_id"] = tuple(kw["eos_token_id"])
         kw.update(overrides)

@@ -45,8 +45,15 @@ class GatedDeltaNet(nnx.Module):
         self.out_proj = Linear(HV * V, D, dtype=dtype, rngs=rngs, axes=("v_heads", "embed"))
         self.gdn_impl, self.chunk_size, self.mesh = opts.gdn_impl, opts.chunk_size, opts.mesh
 
-    def __call__(self, x, positions, cache: GDNCache | None, slots: CacheSlots | None = None, *,
-                 return_all_states=False):
+    def __call__(
+        self,
+        x,
+        positions,
+        cache: GDNCache | None,
+        slots: CacheSlots | None = None,
+        *,
+        return_all_states=False,
+    ):
         """x [B,T,D]; positions [B,T] with -1 marking right padding (an exact no-op on the state).
 
         Returns (out [B,T,D], new cache or None); with return_all_states also the recurrent
@@ -66,8 +73,9 @@ class GatedDeltaNet(nnx.Module):
             if slots is not None:
                 conv_in, state_in = slots.gather(conv_in), slots.gather(state_in)
         mixed = jnp.where(valid[..., None], mixed, 0)
-        conv_out, _ = ops.causal_conv1d(mixed, self.conv_w[...], conv_in, impl=self.gdn_impl,
-                                        mesh=self.mesh)
+        conv_out, _ = ops.causal_conv1d(
+            mixed, self.conv_w[...], conv_in, impl=self.gdn_impl, mesh=self.mesh
+        )
         conv_out = conv_out.reshape(B, T, H, 2 * K + R * V)
         q, k = conv_out[..., :K], conv_out[..., K : 2 * K]
         v = conv_out[..., 2 * K :].reshape(B, T, HV, V)
@@ -83,8 +91,16 @@ class GatedDeltaNet(nnx.Module):
         g = jnp.where(valid[..., None], g, 0.0)
 
         result = ops.gated_delta_rule(
-            q, k, v, g, beta, initial_state=state_in, impl=self.gdn_impl,
-            chunk_size=self.chunk_size, return_all_states=return_all_states, mesh=self.mesh,
+            q,
+            k,
+            v,
+            g,
+            beta,
+            initial_state=state_in,
+            impl=self.gdn_impl,
+            chunk_size=self.chunk_size,
+            return_all_states=return_all_states,
+            mesh=self.mesh,
         )
         o, state = result[0], result[1]
         y = self.norm(o, z).reshape(B, T, HV * V)
@@ -99,8 +115,10 @@ class GatedDeltaNet(nnx.Module):
             else:
                 conv_state = slots.scatter(cache.conv, conv_state)
                 state = slots.scatter(cache.state, state)
-            new_cache = GDNCache(constrain(conv_state, GDN_CONV_AXES, self.mesh),
-                                 constrain(state, GDN_STATE_AXES, self.mesh))
+            new_cache = GDNCache(
+                constrain(conv_state, GDN_CONV_AXES, self.mesh),
+                constrain(state, GDN_STATE_AXES, self.mesh),
+            )
         if return_all_states:
             return out, new_cache, (result[2], _all_conv_states(conv_in, mixed))
         return out, new_cache

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from qnext_jax.cache import CacheSlots, cache_bytes
 from qnext_jax import speculative
+from qnext_jax.cache import CacheSlots, cache_bytes
 from qnext_jax.sampling import SamplerRows, SamplingParams, sample
 
 MAX_STOP_IDS = 16
@@ -84,8 +84,16 @@ class EngineConfig:
 class Engine:
     """Slots + cache + jitted prefill/decode for one model. Not thread-safe: one owner."""
 
-    def __init__(self, model, cfg: EngineConfig, *, eos_ids: list[int], detokenize=None,
-                 defaults: dict | None = None, place_cache=None):
+    def __init__(
+        self,
+        model,
+        cfg: EngineConfig,
+        *,
+        eos_ids: list[int],
+        detokenize=None,
+        defaults: dict | None = None,
+        place_cache=None,
+    ):
         self.model_cfg = model.config
         self.cfg = cfg
         self.vocab = model.config.vocab_size
@@ -99,7 +107,9 @@ class Engine:
             self.cache = place_cache(self.cache)
         self.k = cfg.num_speculative_tokens
         if self.k and model.mtp is None:
-            raise ValueError("num_speculative_tokens > 0 needs a checkpoint with MTP (mtp.*) tensors")
+            raise ValueError(
+                "num_speculative_tokens > 0 needs a checkpoint with MTP (mtp.*) tensors"
+            )
         self.slots = _empty_slots(B, self.vocab, self.k)
         self.free = list(range(B))
         self.running: dict[int, Request] = {}
@@ -112,8 +122,13 @@ class Engine:
         self._decode = jax.jit(self._decode_impl, static_argnums=(4,), donate_argnums=(1, 2))
 
     # ---- public ------------------------------------------------------------------------
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    seed: int | None = None) -> Request:
+    def add_request(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        seed: int | None = None,
+    ) -> Request:
         params = params.resolved(self.defaults)
         self.validate(prompt_ids, params)
         n = next(self._ids)
@@ -128,7 +143,9 @@ class Engine:
             raise ValueError("prompt is empty: at least one token is required")
         bad = [t for t in prompt_ids if not 0 <= int(t) < self.vocab]
         if bad:
-            raise ValueError(f"prompt token ids {bad[:8]} are outside the vocabulary [0, {self.vocab})")
+            raise ValueError(
+                f"prompt token ids {bad[:8]} are outside the vocabulary [0, {self.vocab})"
+            )
         L = self.cfg.max_model_len
         if len(prompt_ids) >= L:
             raise ValueError(
@@ -171,11 +188,15 @@ class Engine:
         if not self.running:
             return []
         n = block or self.cfg.decode_block
-        self.cache, self.slots, out = self._decode(self.params, self.cache, self.slots, n,
-                                                   self.cfg.decode_block)
+        self.cache, self.slots, out = self._decode(
+            self.params, self.cache, self.slots, n, self.cfg.decode_block
+        )
         out = np.asarray(out)  # [B, block * (k+1)]; -1 where a row produced nothing
         if self.k:
-            accepted, steps = np.asarray(self.slots.spec_accepted), np.asarray(self.slots.spec_steps)
+            accepted, steps = (
+                np.asarray(self.slots.spec_accepted),
+                np.asarray(self.slots.spec_steps),
+            )
             for slot, req in self.running.items():
                 req.spec_steps, req.spec_accepted = int(steps[slot]), accepted[slot].tolist()
         now = time.perf_counter()
@@ -244,7 +265,7 @@ class Engine:
     def _prefill_requests(self, reqs: list[Request]) -> None:
         """Prefill prompt[:-1] of each request into its slot (chunked, rows batched), then
         arm the slot with prompt[-1]: the first decode step samples the first new token."""
-        B, V = self.cfg.max_num_seqs, self.vocab
+        B = self.cfg.max_num_seqs
         P = _bucket(len(reqs), B)
         rows = np.full(P, B, np.int32)  # padding rows point past the cache: nothing is written
         rows[: len(reqs)] = [r.slot for r in reqs]
@@ -255,15 +276,19 @@ class Engine:
             tokens = np.zeros((P, C), np.int32)
             following = np.zeros((P, C), np.int32)  # token i+1: what the MTP head reads at i
             positions = np.full((P, C), -1, np.int32)
-            for i, (body, r) in enumerate(zip(bodies, reqs)):
+            for i, (body, r) in enumerate(zip(bodies, reqs, strict=True)):
                 piece = body[start : start + C]
                 tokens[i, : len(piece)] = piece
                 following[i, : len(piece)] = r.prompt_ids[start + 1 : start + 1 + len(piece)]
                 positions[i, : len(piece)] = np.arange(start, start + len(piece))
             fresh = np.full(P, start == 0)
             self.cache = self._prefill(
-                self.params, self.cache, jnp.asarray(tokens), jnp.asarray(following),
-                jnp.asarray(positions), CacheSlots(jnp.asarray(rows), jnp.asarray(fresh)),
+                self.params,
+                self.cache,
+                jnp.asarray(tokens),
+                jnp.asarray(following),
+                jnp.asarray(positions),
+                CacheSlots(jnp.asarray(rows), jnp.asarray(fresh)),
             )
         self.slots = self._admit(self.slots, *self._admission(reqs, P, rows))
 
@@ -289,8 +314,12 @@ class Engine:
         out = {}
         for k, v in vals.items():
             arr = np.asarray(v)
-            out[k] = np.concatenate([arr, np.zeros((pad,) + arr.shape[1:], arr.dtype)]) if pad else arr
-        sampler = SamplerRows(**{k[2:]: jnp.asarray(v) for k, v in out.items() if k.startswith("s_")})
+            out[k] = (
+                np.concatenate([arr, np.zeros((pad,) + arr.shape[1:], arr.dtype)]) if pad else arr
+            )
+        sampler = SamplerRows(
+            **{k[2:]: jnp.asarray(v) for k, v in out.items() if k.startswith("s_")}
+        )
         plain = {k: jnp.asarray(v) for k, v in out.items() if not k.startswith("s_")}
         return jnp.asarray(rows), plain, sampler, jnp.asarray(prompts)
 
@@ -325,7 +354,9 @@ class Engine:
             counts=put(state.counts, jnp.zeros((P, V), jnp.int32)),
             seen=put(state.seen, seen),
             drafts=put(state.drafts, jnp.zeros((P, state.drafts.shape[1]), jnp.int32)),
-            spec_accepted=put(state.spec_accepted, jnp.zeros((P, state.drafts.shape[1]), jnp.int32)),
+            spec_accepted=put(
+                state.spec_accepted, jnp.zeros((P, state.drafts.shape[1]), jnp.int32)
+            ),
             spec_steps=put(state.spec_steps, jnp.zeros((P,), jnp.int32)),
         )
 
@@ -381,7 +412,9 @@ class Engine:
         cache = speculative.rewind_gdn(fwd.cache, fwd.states, a)
         n_emit, done = self._stops(state, emitted, a)
         last = jnp.take_along_axis(emitted, a[:, None], axis=1)[:, 0]
-        drafts, cache = speculative.draft(model, cache, fwd.hidden, emitted, state.pos, a, active, k)
+        drafts, cache = speculative.draft(
+            model, cache, fwd.hidden, emitted, state.pos, a, active, k
+        )
         state = self._advance(state, emitted, n_emit, done, last)
         j = jnp.arange(k)[None]
         state = state.replace(
@@ -396,8 +429,14 @@ class Engine:
         first stop token, max_tokens or the cache end cuts the block there."""
         j = jnp.arange(emitted.shape[1])[None]
         gen = state.generated[:, None] + j + 1  # tokens generated once e_j is kept
-        is_stop = jnp.any((emitted[..., None] == state.stop_ids[:, None]) & (state.stop_ids[:, None] >= 0), -1)
-        ends = is_stop | (gen >= state.max_gen[:, None]) | (state.pos[:, None] + j + 2 >= self.cfg.max_model_len)
+        is_stop = jnp.any(
+            (emitted[..., None] == state.stop_ids[:, None]) & (state.stop_ids[:, None] >= 0), -1
+        )
+        ends = (
+            is_stop
+            | (gen >= state.max_gen[:, None])
+            | (state.pos[:, None] + j + 2 >= self.cfg.max_model_len)
+        )
         ends = ends & (j <= a[:, None])
         first_end = jnp.argmax(ends, axis=1)
         done = jnp.any(ends, axis=1) & state.active
@@ -433,10 +472,18 @@ def block_stops(logits, generated, min_gen, stop_ids):
 def _empty_slots(B: int, V: int, k: int) -> Slots:
     z = lambda dt=jnp.int32: jnp.zeros((B,), dt)
     return Slots(
-        token=z(), pos=z(), active=z(bool), generated=z(), max_gen=z(), min_gen=z(),
-        stop_ids=jnp.full((B, MAX_STOP_IDS), -1, jnp.int32), sampler=SamplerRows.zeros(B),
-        counts=jnp.zeros((B, V), jnp.int32), seen=jnp.zeros((B, V), bool),
-        drafts=jnp.zeros((B, k), jnp.int32), spec_accepted=jnp.zeros((B, k), jnp.int32),
+        token=z(),
+        pos=z(),
+        active=z(bool),
+        generated=z(),
+        max_gen=z(),
+        min_gen=z(),
+        stop_ids=jnp.full((B, MAX_STOP_IDS), -1, jnp.int32),
+        sampler=SamplerRows.zeros(B),
+        counts=jnp.zeros((B, V), jnp.int32),
+        seen=jnp.zeros((B, V), bool),
+        drafts=jnp.zeros((B, k), jnp.int32),
+        spec_accepted=jnp.zeros((B, k), jnp.int32),
         spec_steps=z(),
     )
 
@@ -449,12 +496,23 @@ def _bucket(n: int, cap: int, minimum: int = 1) -> int:
     return min(b, max(cap, minimum))
 
 
-def check_memory(model_cfg, engine_cfg: EngineConfig, param_bytes: int, *, utilization: float = 0.9,
-                 mtp: bool = False) -> int:
+def check_memory(
+    model_cfg,
+    engine_cfg: EngineConfig,
+    param_bytes: int,
+    *,
+    utilization: float = 0.9,
+    mtp: bool = False,
+) -> int:
     """Bytes the cache needs; raises MemoryError (naming what to lower) if it does not fit
     the device's free memory. On devices that do not report memory, only returns the size."""
-    need = cache_bytes(model_cfg, engine_cfg.max_num_seqs, engine_cfg.max_model_len,
-                       state_bytes=jnp.dtype(engine_cfg.state_dtype).itemsize, mtp=mtp)
+    need = cache_bytes(
+        model_cfg,
+        engine_cfg.max_num_seqs,
+        engine_cfg.max_model_len,
+        state_bytes=jnp.dtype(engine_cfg.state_dtype).itemsize,
+        mtp=mtp,
+    )
     stats = jax.local_devices()[0].memory_stats() or {}
     limit = stats.get("bytes_limit")
     if limit:
@@ -467,4 +525,3 @@ def check_memory(model_cfg, engine_cfg: EngineConfig, param_bytes: int, *, utili
                 "max_num_seqs (or use more devices with tensor_parallel_size)"
             )
     return need
-

@@ -16,17 +16,32 @@ from qnext_jax.sampling import SamplingParams
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m qnext_jax.generate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="HF or converted model directory (default: embedded demo)")
-    ap.add_argument("--prompt", action="append", required=True,
-                    help="the prompt (repeat for several prompts)")
+    ap = argparse.ArgumentParser(
+        prog="python -m qnext_jax.generate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--model", default=None, help="HF or converted model directory (default: embedded demo)"
+    )
+    ap.add_argument(
+        "--prompt", action="append", required=True, help="the prompt (repeat for several prompts)"
+    )
     chat = ap.add_mutually_exclusive_group()
-    chat.add_argument("--chat", dest="chat", action="store_true", default=True,
-                      help="render the prompt as a user message with the chat template (default)")
-    chat.add_argument("--no-chat", dest="chat", action="store_false", help="use the prompt as raw text")
+    chat.add_argument(
+        "--chat",
+        dest="chat",
+        action="store_true",
+        default=True,
+        help="render the prompt as a user message with the chat template (default)",
+    )
+    chat.add_argument(
+        "--no-chat", dest="chat", action="store_false", help="use the prompt as raw text"
+    )
     think = ap.add_mutually_exclusive_group()
-    think.add_argument("--enable-thinking", dest="enable_thinking", action="store_true", default=None)
+    think.add_argument(
+        "--enable-thinking", dest="enable_thinking", action="store_true", default=None
+    )
     think.add_argument("--disable-thinking", dest="enable_thinking", action="store_false")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=None)
@@ -37,8 +52,12 @@ def parse_args(argv=None):
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
-    ap.add_argument("--speculative-config", type=json.loads, default=None,
-                    help='JSON, e.g. \'{"method":"qwen3_next_mtp","num_speculative_tokens":2}\'')
+    ap.add_argument(
+        "--speculative-config",
+        type=json.loads,
+        default=None,
+        help='JSON, e.g. \'{"method":"qwen3_next_mtp","num_speculative_tokens":2}\'',
+    )
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
     return ap.parse_args(argv)
 
@@ -48,11 +67,22 @@ def main(argv=None) -> int:
     from qnext_jax.llm import LLM
 
     try:
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                                top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed)
-        llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-                  max_num_seqs=args.max_num_seqs, tensor_parallel_size=args.tensor_parallel_size,
-                  speculative_config=args.speculative_config)
+        params = SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            seed=args.seed,
+        )
+        llm = LLM(
+            args.model,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            tensor_parallel_size=args.tensor_parallel_size,
+            speculative_config=args.speculative_config,
+        )
     except (ValueError, FileNotFoundError, MemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -62,8 +92,9 @@ def main(argv=None) -> int:
         source = [{"role": "user", "content": prompt}] if args.chat else prompt
         section = None
         final = None
-        for reasoning, content, final in llm.stream(source, params, chat_template_kwargs=kwargs,
-                                                    chat=args.chat):
+        for reasoning, content, final in llm.stream(
+            source, params, chat_template_kwargs=kwargs, chat=args.chat
+        ):
             for kind, delta in (("reasoning", reasoning), ("answer", content)):
                 if not delta:
                     continue
@@ -76,16 +107,19 @@ def main(argv=None) -> int:
         if out.spec_decode is not None:
             sd = out.spec_decode
             rates = ", ".join(f"{r:.2f}" for r in sd.acceptance_rate_per_position)
-            print(f"\n\n--- MTP: drafted {sd.num_draft_tokens}, accepted {sd.num_accepted_tokens} "
-                  f"({sd.acceptance_rate:.2f}; per position {rates}), mean accepted length "
-                  f"{sd.mean_accepted_length:.2f}", end="")
+            print(
+                f"\n\n--- MTP: drafted {sd.num_draft_tokens}, accepted {sd.num_accepted_tokens} "
+                f"({sd.acceptance_rate:.2f}; per position {rates}), mean accepted length "
+                f"{sd.mean_accepted_length:.2f}",
+                end="",
+            )
         tps = m.decode_tokens_per_s(len(out.token_ids))
         print(
             f"\n\n--- prompt tokens {len(final.prompt_token_ids)} | generated {len(out.token_ids)} "
             f"({out.finish_reason}) | TTFT {m.ttft * 1e3:.1f} ms | decode "
             f"{tps:.1f} tok/s | wall {time.perf_counter() - t0:.2f} s"
-            if tps else
-            f"\n\n--- prompt tokens {len(final.prompt_token_ids)} | generated {len(out.token_ids)} "
+            if tps
+            else f"\n\n--- prompt tokens {len(final.prompt_token_ids)} | generated {len(out.token_ids)} "
             f"({out.finish_reason}) | TTFT {m.ttft * 1e3:.1f} ms"
         )
     return 0

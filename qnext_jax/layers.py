@@ -24,8 +24,15 @@ class Linear(nnx.Module):
 
     axes: the logical axes of w (see qnext_jax.sharding), e.g. ("embed", "heads")."""
 
-    def __init__(self, d_in: int, d_out: int, *, dtype, rngs: nnx.Rngs | None,
-                 axes: tuple[str | None, str | None] = (None, None)):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        *,
+        dtype,
+        rngs: nnx.Rngs | None,
+        axes: tuple[str | None, str | None] = (None, None),
+    ):
         self.w = nnx.Param(_init(rngs, (d_in, d_out), dtype), axes=axes)
 
     def __call__(self, x: jax.Array) -> jax.Array:

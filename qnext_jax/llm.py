@@ -138,6 +138,7 @@ class LLM:
         shardings_fn = place_cache = None
         if tensor_parallel_size != 1:
             from qnext_convert import model_config
+
             from qnext_jax import sharding
 
             cfg = model_config(self.model_path)
@@ -145,8 +146,9 @@ class LLM:
             options = dataclasses.replace(options, mesh=mesh)
             shardings_fn = functools.partial(sharding.param_shardings, mesh=mesh, cfg=cfg)
             place_cache = functools.partial(sharding.shard_cache, mesh=mesh, cfg=cfg)
-        self.model = from_pretrained(self.model_path, dtype, options=options,
-                                     shardings_fn=shardings_fn, progress=False)
+        self.model = from_pretrained(
+            self.model_path, dtype, options=options, shardings_fn=shardings_fn, progress=False
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(
             tokenizer or self.model_path, local_files_only=True
         )
@@ -163,8 +165,12 @@ class LLM:
                 f"{ALLOW_LONG_ENV}=1) if you know the model extrapolates"
             )
         self.engine_config = EngineConfig(
-            max_num_seqs=max_num_seqs, max_model_len=max_model_len, prefill_chunk=prefill_chunk,
-            decode_block=decode_block, seed=seed, num_speculative_tokens=num_spec,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+            prefill_chunk=prefill_chunk,
+            decode_block=decode_block,
+            seed=seed,
+            num_speculative_tokens=num_spec,
         )
         if num_spec and self.model.mtp is None:
             raise ValueError(
@@ -173,9 +179,14 @@ class LLM:
         param_bytes = sum(x.nbytes for x in jax.tree.leaves(self.model))
         check_memory(cfg, self.engine_config, param_bytes, utilization=gpu_memory_utilization)
         self.eos_ids = eos_token_ids(self.generation_config, cfg, self.tokenizer)
-        self.engine = Engine(self.model, self.engine_config, eos_ids=self.eos_ids,
-                             detokenize=self._detokenize, defaults=self.generation_config,
-                             place_cache=place_cache)
+        self.engine = Engine(
+            self.model,
+            self.engine_config,
+            eos_ids=self.eos_ids,
+            detokenize=self._detokenize,
+            defaults=self.generation_config,
+            place_cache=place_cache,
+        )
 
     # ---- tokenizer helpers -----------------------------------------------------------------
     def _detokenize(self, ids: list[int], params: SamplingParams) -> str:
@@ -194,8 +205,13 @@ class LLM:
         return SamplingParams().resolved(self.generation_config)
 
     # ---- generation ----------------------------------------------------------------------
-    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 *, use_tqdm: bool = False) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
         """Generate for a prompt (a string or a token-id list) or a list of them."""
         single = isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
@@ -204,10 +220,19 @@ class LLM:
         reqs = self._submit(prompts, sampling_params, [False] * len(prompts))
         while self.engine.has_work():
             self.engine.step()
-        return [self._output(r, p, in_reasoning=False, chat=False) for r, p in zip(reqs, prompts, strict=True)]
+        return [
+            self._output(r, p, in_reasoning=False, chat=False)
+            for r, p in zip(reqs, prompts, strict=True)
+        ]
 
-    def chat(self, messages, sampling_params=None, *, chat_template_kwargs: dict | None = None,
-             use_tqdm: bool = False) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages,
+        sampling_params=None,
+        *,
+        chat_template_kwargs: dict | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
         """messages: one conversation (a list of {'role', 'content'}) or a list of them."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [render_chat(self.tokenizer, c, chat_template_kwargs) for c in convs]
@@ -215,10 +240,14 @@ class LLM:
         reqs = self._submit(prompts, sampling_params, opened)
         while self.engine.has_work():
             self.engine.step()
-        return [self._output(r, p, in_reasoning=o, chat=True) for r, p, o in zip(reqs, prompts, opened, strict=True)]
+        return [
+            self._output(r, p, in_reasoning=o, chat=True)
+            for r, p, o in zip(reqs, prompts, opened, strict=True)
+        ]
 
-    def stream(self, prompt, sampling_params=None, *, chat_template_kwargs=None, chat: bool = False
-               ) -> Iterator[tuple[str, str, RequestOutput | None]]:
+    def stream(
+        self, prompt, sampling_params=None, *, chat_template_kwargs=None, chat: bool = False
+    ) -> Iterator[tuple[str, str, RequestOutput | None]]:
         """Yield (reasoning_delta, content_delta, None) as tokens arrive; the last item carries
         the final RequestOutput. Same tokens as generate()."""
         text_prompt = render_chat(self.tokenizer, prompt, chat_template_kwargs) if chat else prompt
@@ -229,7 +258,7 @@ class LLM:
         while not req.finished:
             self.engine.step()
             text = self._final_text(req)
-            delta, sent = text[len(sent):], text
+            delta, sent = text[len(sent) :], text
             if delta:
                 r, c = splitter.feed(delta) if splitter else ("", delta)
                 yield r, c, None
@@ -239,7 +268,9 @@ class LLM:
     def _submit(self, prompts, sampling_params, opened) -> list[Request]:
         if isinstance(sampling_params, list):
             if len(sampling_params) != len(prompts):
-                raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts")
+                raise ValueError(
+                    f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts"
+                )
             params = sampling_params
         else:
             params = [sampling_params or SamplingParams()] * len(prompts)
@@ -262,13 +293,30 @@ class LLM:
         reasoning, content = split_reasoning(text, in_reasoning) if chat else (None, text)
         spec = None
         if self.engine.k:
-            spec = SpecDecodeStats(req.spec_steps * self.engine.k, sum(req.spec_accepted),
-                                   list(req.spec_accepted))
-        comp = CompletionOutput(0, text, list(req.output_ids), req.finish_reason, req.stop_reason,
-                                reasoning, content, spec)
-        metrics = RequestMetrics(req.arrival, req.first_token_time, req.finish_time or time.perf_counter())
-        return RequestOutput(req.request_id, prompt if isinstance(prompt, str) else None,
-                             req.prompt_ids, [comp], req.finished, metrics)
+            spec = SpecDecodeStats(
+                req.spec_steps * self.engine.k, sum(req.spec_accepted), list(req.spec_accepted)
+            )
+        comp = CompletionOutput(
+            0,
+            text,
+            list(req.output_ids),
+            req.finish_reason,
+            req.stop_reason,
+            reasoning,
+            content,
+            spec,
+        )
+        metrics = RequestMetrics(
+            req.arrival, req.first_token_time, req.finish_time or time.perf_counter()
+        )
+        return RequestOutput(
+            req.request_id,
+            prompt if isinstance(prompt, str) else None,
+            req.prompt_ids,
+            [comp],
+            req.finished,
+            metrics,
+        )
 
 
 def parse_speculative_config(config: dict | str | None) -> int:
@@ -312,7 +360,12 @@ def default_model_dir() -> Path:
     from qnext_jax.random_model import random_demo_checkpoint
 
     path = random_demo_checkpoint()
-    log.warning("no trained demo checkpoint in the package: using a random-weight Qwen3-Next at %s", path)
-    print(f"[qnext_jax] no model given and no trained demo checkpoint: using a small RANDOM-weight "
-          f"Qwen3-Next with the demo tokenizer ({path})", flush=True)
+    log.warning(
+        "no trained demo checkpoint in the package: using a random-weight Qwen3-Next at %s", path
+    )
+    print(
+        f"[qnext_jax] no model given and no trained demo checkpoint: using a small RANDOM-weight "
+        f"Qwen3-Next with the demo tokenizer ({path})",
+        flush=True,
+    )
     return path

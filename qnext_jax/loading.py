@@ -8,8 +8,14 @@ from pathlib import Path
 from qnext_jax.config import RuntimeOptions
 
 
-def from_pretrained(path: str | Path, dtype: str = "bfloat16", *, options: RuntimeOptions | None = None,
-                    shardings_fn=None, progress: bool = True):
+def from_pretrained(
+    path: str | Path,
+    dtype: str = "bfloat16",
+    *,
+    options: RuntimeOptions | None = None,
+    shardings_fn=None,
+    progress: bool = True,
+):
     """Load Qwen3-Next from `path` with parameters in `dtype`.
 
     `path` holds either the HF files (config.json + model.safetensors or a sharded index; the
@@ -21,4 +27,6 @@ def from_pretrained(path: str | Path, dtype: str = "bfloat16", *, options: Runti
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model path {str(path)!r} is not a directory")
-    return qnext_convert.load_pretrained(path, options, shardings_fn=shardings_fn, progress=progress)
+    return qnext_convert.load_pretrained(
+        path, options, shardings_fn=shardings_fn, progress=progress
+    )

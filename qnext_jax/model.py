@@ -65,7 +65,9 @@ class LayerGroup(nnx.Module):
     """One period of the layer pattern, e.g. [GDN, GDN, GDN, attention]."""
 
     def __init__(self, cfg, opts, pattern: tuple[Kind, ...], *, dtype, rngs):
-        self.layers = nnx.List([DecoderLayer(cfg, opts, k, dtype=dtype, rngs=rngs) for k in pattern])
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, opts, k, dtype=dtype, rngs=rngs) for k in pattern]
+        )
 
     def __call__(self, x, rope, positions, caches, slots=None, collect_states=False):
         new_caches, states = [], []
@@ -140,7 +142,11 @@ class Qwen3NextForCausalLM(nnx.Module):
     """Qwen3NextForCausalLM. `model(input_ids)` -> logits [B, T, vocab]."""
 
     def __init__(
-        self, cfg: Qwen3NextConfig, opts: RuntimeOptions | None = None, *, rngs: nnx.Rngs | None = None
+        self,
+        cfg: Qwen3NextConfig,
+        opts: RuntimeOptions | None = None,
+        *,
+        rngs: nnx.Rngs | None = None,
     ):
         from qnext_jax.mtp import MultiTokenPredictor  # mtp builds on DecoderLayer
 
@@ -150,19 +156,29 @@ class Qwen3NextForCausalLM(nnx.Module):
         self.embed_tokens = nnx.Param(
             jnp.zeros((cfg.vocab_size, cfg.hidden_size), dtype)
             if rngs is None
-            else (0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size))).astype(dtype),
+            else (
+                0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size))
+            ).astype(dtype),
             axes=("vocab", "embed"),
         )
         kinds = cfg.layer_kinds()
-        self.segments = nnx.List([
-            LayerStack(cfg, opts, kinds[s : s + p], r, dtype=dtype, rngs=rngs)
-            for s, p, r in segment_layers(kinds)
-        ])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(
-            cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs, axes=("embed", "vocab")
+        self.segments = nnx.List(
+            [
+                LayerStack(cfg, opts, kinds[s : s + p], r, dtype=dtype, rngs=rngs)
+                for s, p, r in segment_layers(kinds)
+            ]
         )
-        self.mtp = MultiTokenPredictor(cfg, opts, dtype=dtype, rngs=rngs) if cfg.num_mtp_layers else None
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else Linear(
+                cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs, axes=("embed", "vocab")
+            )
+        )
+        self.mtp = (
+            MultiTokenPredictor(cfg, opts, dtype=dtype, rngs=rngs) if cfg.num_mtp_layers else None
+        )
 
     # ---- building blocks -----------------------------------------------------------------
     def embed(self, input_ids: jax.Array) -> jax.Array:
@@ -185,25 +201,30 @@ class Qwen3NextForCausalLM(nnx.Module):
         kv_dtype = kv_dtype or self.dtype
         caches = tuple(
             tuple(
-                stacked([
-                    layer_cache(self.config, kind[0], batch, max_len, kv_dtype, state_dtype)
-                    for _ in range(seg.repeats)
-                ])
+                stacked(
+                    [
+                        layer_cache(self.config, kind[0], batch, max_len, kv_dtype, state_dtype)
+                        for _ in range(seg.repeats)
+                    ]
+                )
                 for kind in seg.pattern
             )
             for seg in self.segments
         )
         mtp = None
         if self.mtp is not None:
-            mtp = stacked([
-                layer_cache(self.config, FULL, batch, max_len, kv_dtype, state_dtype)
-                for _ in range(self.config.num_mtp_layers)
-            ])
+            mtp = stacked(
+                [
+                    layer_cache(self.config, FULL, batch, max_len, kv_dtype, state_dtype)
+                    for _ in range(self.config.num_mtp_layers)
+                ]
+            )
         return {"layers": caches, "mtp": mtp}
 
     # ---- forward -------------------------------------------------------------------------
-    def forward(self, input_ids, positions=None, cache=None, *, slots=None,
-                collect_states=False) -> ForwardOutput:
+    def forward(
+        self, input_ids, positions=None, cache=None, *, slots=None, collect_states=False
+    ) -> ForwardOutput:
         """input_ids [B, T]; positions [B, T] (default 0..T-1; -1 marks right padding);
         cache from init_cache or None; slots (CacheSlots) maps the B sequences to cache rows
         when the cache holds more rows than B. Returns post-norm hidden states and the new
@@ -242,4 +263,3 @@ class Qwen3NextForCausalLM(nnx.Module):
         out = self.forward(input_ids, positions)
         logits = self.compute_logits(out.hidden)
         return (logits, out.hidden) if return_hidden else logits
-

@@ -39,7 +39,12 @@ class SparseMoE(nnx.Module):
         x = x.reshape(-1, shape[-1])  # [N, D]
         weights, experts = route(self.gate(x), self.top_k, self.normalize)
         routed = ops.moe_experts(
-            x, weights, experts, self.gate_up[...], self.down[...], impl=self.impl,
+            x,
+            weights,
+            experts,
+            self.gate_up[...],
+            self.down[...],
+            impl=self.impl,
             mesh=self.mesh,
         )
         shared = self.shared_expert(x) * jax.nn.sigmoid(self.shared_expert_gate(x))

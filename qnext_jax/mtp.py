@@ -25,10 +25,12 @@ class MultiTokenPredictor(nnx.Module):
         self.pre_fc_norm_embedding = RMSNorm(D, eps, dtype=dtype)
         self.pre_fc_norm_hidden = RMSNorm(D, eps, dtype=dtype)
         self.fc = Linear(2 * D, D, dtype=dtype, rngs=rngs, axes=(None, "embed"))
-        self.layers = nnx.List([
-            DecoderLayer(cfg, opts, (FULL, cfg.is_moe_layer(i)), dtype=dtype, rngs=rngs)
-            for i in range(cfg.num_mtp_layers)
-        ])
+        self.layers = nnx.List(
+            [
+                DecoderLayer(cfg, opts, (FULL, cfg.is_moe_layer(i)), dtype=dtype, rngs=rngs)
+                for i in range(cfg.num_mtp_layers)
+            ]
+        )
         self.norm = RMSNorm(D, eps, dtype=dtype)
 
     def __call__(self, embeds, hidden, rope, positions, cache, slots=None):

@@ -39,8 +39,17 @@ CONV_AXES = ("batch", None, "k_heads")  # x, y, state: channels grouped per key 
 
 
 def gated_delta_rule(
-    q, k, v, g, beta, *, initial_state=None, impl: str = "auto", chunk_size: int = 64,
-    return_all_states: bool = False, mesh=None,
+    q,
+    k,
+    v,
+    g,
+    beta,
+    *,
+    initial_state=None,
+    impl: str = "auto",
+    chunk_size: int = 64,
+    return_all_states: bool = False,
+    mesh=None,
 ):
     """q, k [B,T,H,K] (raw: l2-normalised and scaled here), v [B,T,HV,V], g/beta [B,T,HV],
     state [B,HV,K,V] fp32 -> (o [B,T,HV,V], final state[, states after each position]).

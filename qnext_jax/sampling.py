@@ -13,8 +13,8 @@ import math
 from typing import Any
 
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 GREEDY_EPS = 1e-5
@@ -56,7 +56,11 @@ class SamplingParams:
         def number(field, value):
             if value is None:
                 return None
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+            ):
                 bad(field, value, "a finite number")
             return value
 
@@ -74,9 +78,14 @@ class SamplingParams:
             v = number(f, getattr(self, f))
             if not -2 <= v <= 2:
                 bad(f, v, "[-2, 2]")
-        if number("repetition_penalty", self.repetition_penalty) is not None and self.repetition_penalty <= 0:
+        if (
+            number("repetition_penalty", self.repetition_penalty) is not None
+            and self.repetition_penalty <= 0
+        ):
             bad("repetition_penalty", self.repetition_penalty, "> 0")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if self.max_tokens is not None and (
+            not isinstance(self.max_tokens, int) or self.max_tokens < 1
+        ):
             bad("max_tokens", self.max_tokens, "an integer >= 1")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             bad("min_tokens", self.min_tokens, "an integer >= 0")
@@ -88,18 +97,30 @@ class SamplingParams:
             bad("stop", self.stop, "a list of non-empty strings")
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", self.stop_token_ids, "a list of non-negative token ids")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
             bad("seed", self.seed, "an integer")
 
     def resolved(self, defaults: dict[str, Any]) -> SamplingParams:
         """Fill the unset (None) fields from generation_config.json defaults, then OpenAI's."""
-        fallback = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+        fallback = {
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "top_k": 0,
+            "min_p": 0.0,
+            "repetition_penalty": 1.0,
+        }
         changes = {}
         for f, base in fallback.items():
             if getattr(self, f) is None:
                 changes[f] = defaults.get(f, base)
         out = dataclasses.replace(self, **changes) if changes else self
-        if out.temperature is not None and not defaults.get("do_sample", True) and self.temperature is None:
+        if (
+            out.temperature is not None
+            and not defaults.get("do_sample", True)
+            and self.temperature is None
+        ):
             out = dataclasses.replace(out, temperature=0.0)
         return out
 
@@ -124,15 +145,28 @@ class SamplerRows:
     @classmethod
     def zeros(cls, batch: int) -> SamplerRows:
         f = lambda v: jnp.full((batch,), v, jnp.float32)
-        return cls(f(0.0), f(1.0), jnp.zeros((batch,), jnp.int32), f(0.0), f(0.0), f(0.0), f(1.0),
-                   jnp.zeros((batch, 2), jnp.uint32))
+        return cls(
+            f(0.0),
+            f(1.0),
+            jnp.zeros((batch,), jnp.int32),
+            f(0.0),
+            f(0.0),
+            f(0.0),
+            f(1.0),
+            jnp.zeros((batch, 2), jnp.uint32),
+        )
 
     @staticmethod
     def row_values(p: SamplingParams, seed: int) -> dict[str, Any]:
         return dict(
-            temperature=p.temperature, top_p=p.top_p, top_k=p.top_k if p.top_k and p.top_k > 0 else 0,
-            min_p=p.min_p, presence=p.presence_penalty, frequency=p.frequency_penalty,
-            repetition=p.repetition_penalty, key=seed_key(seed),
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k if p.top_k and p.top_k > 0 else 0,
+            min_p=p.min_p,
+            presence=p.presence_penalty,
+            frequency=p.frequency_penalty,
+            repetition=p.repetition_penalty,
+            key=seed_key(seed),
         )
 
 
@@ -167,7 +201,11 @@ def filter_logits(logits, rows: SamplerRows):
     sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
     before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs  # mass strictly above this token
     sorted_logits = jnp.where(before < rows.top_p[:, None], sorted_logits, -jnp.inf)
-    return jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+    return (
+        jnp.full_like(logits, -jnp.inf)
+        .at[jnp.arange(logits.shape[0])[:, None], order]
+        .set(sorted_logits)
+    )
 
 
 def sample(logits, rows: SamplerRows, counts, seen, step):

@@ -67,8 +67,12 @@ def valid_tensor_parallel_sizes(cfg: Qwen3NextConfig) -> list[int]:
     return [d for d in range(1, g + 1) if g % d == 0]
 
 
-def make_mesh(cfg: Qwen3NextConfig, tensor_parallel_size: int,
-              expert_parallel_size: int | None = None, devices=None) -> Mesh:
+def make_mesh(
+    cfg: Qwen3NextConfig,
+    tensor_parallel_size: int,
+    expert_parallel_size: int | None = None,
+    devices=None,
+) -> Mesh:
     """A (EP, TP / EP) mesh with axes ("ep", "tp") over the first `tensor_parallel_size` devices.
 
     expert_parallel_size defaults to the largest size dividing both the device count and the
@@ -103,8 +107,12 @@ def _mesh_size(mesh: Mesh, axes) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
-def logical_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
-                 counts: dict[str, int] | None = None) -> PartitionSpec:
+def logical_spec(
+    axes: tuple[str | None, ...],
+    shape: tuple[int, ...],
+    mesh: Mesh,
+    counts: dict[str, int] | None = None,
+) -> PartitionSpec:
     """PartitionSpec for an array of `shape` whose dims carry the logical `axes`.
 
     A dim is split when its unit count (counts[name], else the dim itself) divides the mesh
@@ -180,8 +188,12 @@ def cache_shardings(cache, *, mesh: Mesh, cfg: Qwen3NextConfig | None = None):
 
     def one(c):
         if isinstance(c, KVCache):
-            return KVCache(*(NamedSharding(mesh, logical_spec(("layers", *KV_AXES), a.shape, mesh))
-                             for a in (c.k, c.v)))
+            return KVCache(
+                *(
+                    NamedSharding(mesh, logical_spec(("layers", *KV_AXES), a.shape, mesh))
+                    for a in (c.k, c.v)
+                )
+            )
         if isinstance(c, GDNCache):
             return GDNCache(
                 NamedSharding(mesh, logical_spec(("layers", *GDN_CONV_AXES), c.conv.shape, mesh)),
@@ -197,8 +209,9 @@ def shard_cache(cache, *, mesh: Mesh, cfg: Qwen3NextConfig | None = None):
     return place(cache, cache_shardings(cache, mesh=mesh, cfg=cfg))
 
 
-def init_cache(model, batch: int, max_len: int, *, mesh: Mesh, cfg: Qwen3NextConfig | None = None,
-               **kw):
+def init_cache(
+    model, batch: int, max_len: int, *, mesh: Mesh, cfg: Qwen3NextConfig | None = None, **kw
+):
     """model.init_cache(batch, max_len, **kw) created directly split over the mesh (no device
     ever holds the whole cache; works across processes)."""
     make = functools.partial(model.init_cache, batch, max_len, **kw)
@@ -220,11 +233,15 @@ def per_shard(fn, mesh: Mesh | None, in_axes, out_axes):
         return fn
 
     def specs(tree):
-        return jax.tree.map(lambda axes: PartitionSpec(*(RULES[a] if a else None for a in axes)),
-                            tree, is_leaf=_is_axes)
+        return jax.tree.map(
+            lambda axes: PartitionSpec(*(RULES[a] if a else None for a in axes)),
+            tree,
+            is_leaf=_is_axes,
+        )
 
-    return jax.shard_map(fn, mesh=mesh, in_specs=specs(in_axes), out_specs=specs(out_axes),
-                         check_vma=False)
+    return jax.shard_map(
+        fn, mesh=mesh, in_specs=specs(in_axes), out_specs=specs(out_axes), check_vma=False
+    )
 
 
 def expert_parallel_size(mesh: Mesh | None) -> int:
@@ -259,7 +276,7 @@ def expert_parallel(local_fn, mesh: Mesh, x, weights, experts, w_gate_up, w_down
 
     rep = PartitionSpec()
     # check_vma off: local loops (the grouped path's fori_loop) start from unvarying zeros
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(rep, rep, rep, w_spec, w_spec), out_specs=rep,
-                       check_vma=False)
+    fn = jax.shard_map(
+        body, mesh=mesh, in_specs=(rep, rep, rep, w_spec, w_spec), out_specs=rep, check_vma=False
+    )
     return fn(x, weights, experts, w_gate_up, w_down)
-

@@ -29,6 +29,7 @@ def rewind_gdn(cache, states, a):
 
     states: per segment, per pattern position, (recurrent [L,B,T,HV,K,V], conv [L,B,T,W-1,C])
     for GDN layers, None for attention."""
+
     def pick(all_, dtype):
         idx = a.reshape((1, -1) + (1,) * (all_.ndim - 2))
         return jnp.take_along_axis(all_, idx, axis=2)[:, :, 0].astype(dtype)
@@ -37,7 +38,9 @@ def rewind_gdn(cache, states, a):
     for seg_cache, seg_states in zip(cache["layers"], states, strict=True):
         new = []
         for c, st in zip(seg_cache, seg_states, strict=True):
-            new.append(c if st is None else GDNCache(pick(st[1], c.conv.dtype), pick(st[0], c.state.dtype)))
+            new.append(
+                c if st is None else GDNCache(pick(st[1], c.conv.dtype), pick(st[0], c.state.dtype))
+            )
         layers.append(tuple(new))
     return {"layers": tuple(layers), "mtp": cache["mtp"]}
 
@@ -52,8 +55,9 @@ def position_logits(logits, drafts, state, block_stops):
     seen = state.seen[:, None] | (before > 0)
     rep = lambda x: jnp.repeat(x, T, axis=0)
     rows = jax.tree.map(rep, state.sampler)
-    flat = apply_penalties(logits.reshape(B * T, V), rows, counts.reshape(B * T, V),
-                           seen.reshape(B * T, V))
+    flat = apply_penalties(
+        logits.reshape(B * T, V), rows, counts.reshape(B * T, V), seen.reshape(B * T, V)
+    )
     generated = (state.generated[:, None] + jnp.arange(T)).reshape(-1)
     flat = block_stops(flat, generated, rep(state.min_gen), rep(state.stop_ids))
     return flat.reshape(B, T, V), rows
@@ -83,8 +87,9 @@ def accept(logits, drafts, state, key_step, block_stops):
         ok = jnp.where(greedy[:, None], drafts == target[:, :k], u < p_draft)
         a = jnp.sum(jnp.cumprod(ok, axis=1), axis=1)  # [B]
         p_a = jnp.take_along_axis(probs, a[:, None, None], axis=1)[:, 0]  # [B, V]
-        d_a = jnp.take_along_axis(jnp.pad(drafts, ((0, 0), (0, 1)), constant_values=-1),
-                                  a[:, None], axis=1)[:, 0]
+        d_a = jnp.take_along_axis(
+            jnp.pad(drafts, ((0, 0), (0, 1)), constant_values=-1), a[:, None], axis=1
+        )[:, 0]
         residual = jnp.where(jnp.arange(V)[None] == d_a[:, None], 0.0, p_a)  # p without the draft
         drawn = jax.vmap(jax.random.categorical)(c_key, jnp.log(residual)).astype(jnp.int32)
         last = jnp.where(greedy, jnp.take_along_axis(target, a[:, None], axis=1)[:, 0], drawn)

@@ -12,12 +12,27 @@ def hf_config(**overrides):
     from transformers import Qwen3NextConfig as HFConfig
 
     kw = dict(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
-        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
-        linear_value_head_dim=16, linear_conv_kernel_dim=4, num_experts=8, num_experts_per_tok=2,
-        moe_intermediate_size=32, shared_expert_intermediate_size=48, rope_theta=10000.0,
-        partial_rotary_factor=0.25, tie_word_embeddings=False, rms_norm_eps=1e-6,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_conv_kernel_dim=4,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        rope_theta=10000.0,
+        partial_rotary_factor=0.25,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
     )
     kw.update(overrides)
     return HFConfig(**kw)
@@ -73,22 +88,35 @@ def add_mtp_tensors(directory: Path, n_layers: int = 1, seed: int = 0) -> dict[s
     Fs = cfg["shared_expert_intermediate_size"]
     w = lambda *s: (0.05 * rng.standard_normal(s)).astype(np.float32)
     n = lambda *s: (0.3 * rng.standard_normal(s)).astype(np.float32)
-    t = {"mtp.fc.weight": w(D, 2 * D), "mtp.pre_fc_norm_embedding.weight": n(D),
-         "mtp.pre_fc_norm_hidden.weight": n(D), "mtp.norm.weight": n(D)}
+    t = {
+        "mtp.fc.weight": w(D, 2 * D),
+        "mtp.pre_fc_norm_embedding.weight": n(D),
+        "mtp.pre_fc_norm_hidden.weight": n(D),
+        "mtp.norm.weight": n(D),
+    }
     for i in range(n_layers):
         p = f"mtp.layers.{i}."
-        t |= {p + "input_layernorm.weight": n(D), p + "post_attention_layernorm.weight": n(D),
-              p + "self_attn.q_proj.weight": w(H * Dh * 2, D), p + "self_attn.k_proj.weight": w(KVH * Dh, D),
-              p + "self_attn.v_proj.weight": w(KVH * Dh, D), p + "self_attn.o_proj.weight": w(D, H * Dh),
-              p + "self_attn.q_norm.weight": n(Dh), p + "self_attn.k_norm.weight": n(Dh),
-              p + "mlp.gate.weight": w(E, D), p + "mlp.shared_expert_gate.weight": w(1, D),
-              p + "mlp.shared_expert.gate_proj.weight": w(Fs, D),
-              p + "mlp.shared_expert.up_proj.weight": w(Fs, D),
-              p + "mlp.shared_expert.down_proj.weight": w(D, Fs)}
+        t |= {
+            p + "input_layernorm.weight": n(D),
+            p + "post_attention_layernorm.weight": n(D),
+            p + "self_attn.q_proj.weight": w(H * Dh * 2, D),
+            p + "self_attn.k_proj.weight": w(KVH * Dh, D),
+            p + "self_attn.v_proj.weight": w(KVH * Dh, D),
+            p + "self_attn.o_proj.weight": w(D, H * Dh),
+            p + "self_attn.q_norm.weight": n(Dh),
+            p + "self_attn.k_norm.weight": n(Dh),
+            p + "mlp.gate.weight": w(E, D),
+            p + "mlp.shared_expert_gate.weight": w(1, D),
+            p + "mlp.shared_expert.gate_proj.weight": w(Fs, D),
+            p + "mlp.shared_expert.up_proj.weight": w(Fs, D),
+            p + "mlp.shared_expert.down_proj.weight": w(D, Fs),
+        }
         for e in range(E):
-            t |= {p + f"mlp.experts.{e}.gate_proj.weight": w(F, D),
-                  p + f"mlp.experts.{e}.up_proj.weight": w(F, D),
-                  p + f"mlp.experts.{e}.down_proj.weight": w(D, F)}
+            t |= {
+                p + f"mlp.experts.{e}.gate_proj.weight": w(F, D),
+                p + f"mlp.experts.{e}.up_proj.weight": w(F, D),
+                p + f"mlp.experts.{e}.down_proj.weight": w(D, F),
+            }
     main = load_file(directory / "model.safetensors")
     save_file(main | t, directory / "model.safetensors", metadata={"format": "pt"})
     return t

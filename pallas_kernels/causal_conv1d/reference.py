@@ -1,10 +1,10 @@
 """Pure-jnp reference for the causal depthwise conv1d of Gated DeltaNet (kernel width W, no bias).
 
-  x      [B, T, C]        (channels last; Qwen3-Next: C = conv_dim = 2*key_dim + value_dim)
-  weight [W, C]           (HF stores [C, 1, W]; tap j multiplies x[t - W + 1 + j])
-  state  [B, W - 1, C]    the last W - 1 inputs before x (zeros for a fresh sequence)
+x      [B, T, C]        (channels last; Qwen3-Next: C = conv_dim = 2*key_dim + value_dim)
+weight [W, C]           (HF stores [C, 1, W]; tap j multiplies x[t - W + 1 + j])
+state  [B, W - 1, C]    the last W - 1 inputs before x (zeros for a fresh sequence)
 
-  y[t, c] = act(sum_j weight[j, c] * x_ext[t + j, c]),  x_ext = concat(state, x) along time.
+y[t, c] = act(sum_j weight[j, c] * x_ext[t + j, c]),  x_ext = concat(state, x) along time.
 """
 
 from __future__ import annotations

@@ -13,21 +13,39 @@ import sys
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m qnext_jax.serve", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None,
-                    help="HF or converted model directory (default: the embedded demo model)")
+    ap = argparse.ArgumentParser(
+        prog="python -m qnext_jax.serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="HF or converted model directory (default: the embedded demo model)",
+    )
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--served-model-name", nargs="+", default=None,
-                    help="name(s) clients use in `model`; the first is reported (default: --model)")
+    ap.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="name(s) clients use in `model`; the first is reported (default: --model)",
+    )
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--max-num-seqs", type=int, default=8, help="sequence slots (the batch)")
-    ap.add_argument("--max-queue-len", type=int, default=256,
-                    help="requests that may wait for a slot; beyond it new requests get 503")
+    ap.add_argument(
+        "--max-queue-len",
+        type=int,
+        default=256,
+        help="requests that may wait for a slot; beyond it new requests get 503",
+    )
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
-    ap.add_argument("--speculative-config", type=json.loads, default=None,
-                    help='JSON, e.g. \'{"method":"qwen3_next_mtp","num_speculative_tokens":2}\'')
+    ap.add_argument(
+        "--speculative-config",
+        type=json.loads,
+        default=None,
+        help='JSON, e.g. \'{"method":"qwen3_next_mtp","num_speculative_tokens":2}\'',
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -45,19 +63,26 @@ def main(argv=None) -> int:
     from qnext_jax.serve.app import build_app
 
     try:
-        llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-                  max_num_seqs=args.max_num_seqs, tensor_parallel_size=args.tensor_parallel_size,
-                  speculative_config=args.speculative_config, seed=args.seed,
-                  gpu_memory_utilization=args.gpu_memory_utilization,
-                  decode_block=args.decode_block)
+        llm = LLM(
+            args.model,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            tensor_parallel_size=args.tensor_parallel_size,
+            speculative_config=args.speculative_config,
+            seed=args.seed,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            decode_block=args.decode_block,
+        )
     except (ValueError, FileNotFoundError, MemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     names = args.served_model_name or [args.model or "qnext-demo"]
     warm_up(llm)
     app = build_app(llm, served_model_names=names, max_queue_len=args.max_queue_len)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_keep_alive=30)
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=30
+    )
     return 0
 
 

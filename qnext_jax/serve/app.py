@@ -42,8 +42,9 @@ class Server:
         self.tokenizer = llm.tokenizer
         self.names = served_model_names
         self.metrics = ServerMetrics(served_model_names[0])
-        self.engine = AsyncEngine(llm, max_queue_len=max_queue_len, metrics=self.metrics,
-                                  engine=engine)
+        self.engine = AsyncEngine(
+            llm, max_queue_len=max_queue_len, metrics=self.metrics, engine=engine
+        )
         self.max_model_len = self.engine.engine.cfg.max_model_len
         self.created = int(time.time())
 
@@ -53,8 +54,13 @@ class Server:
             raise APIError(404, f"The model `{model}` does not exist.", "model")
         return self.names[0]
 
-    def params(self, common: protocol.Common, prompt_ids: list[int], default_max: int | None,
-               prompt_param: str):
+    def params(
+        self,
+        common: protocol.Common,
+        prompt_ids: list[int],
+        default_max: int | None,
+        prompt_param: str,
+    ):
         """SamplingParams for each choice, checked against the engine's limits (400s)."""
         room = max(1, self.max_model_len - len(prompt_ids))
         max_tokens = common.max_tokens or min(default_max or room, room)
@@ -72,8 +78,9 @@ class Server:
             raise APIError(503, str(e)) from None
 
 
-def build_app(llm, *, served_model_names: list[str] | None = None, max_queue_len: int = 256,
-              engine=None) -> FastAPI:
+def build_app(
+    llm, *, served_model_names: list[str] | None = None, max_queue_len: int = 256, engine=None
+) -> FastAPI:
     """The FastAPI app serving `llm`; the engine thread runs for the app's lifespan."""
     server = Server(llm, served_model_names or ["qnext-demo"], max_queue_len, engine)
 
@@ -166,8 +173,9 @@ def _add_routes(app: FastAPI, server: Server) -> None:
         body = await _read(request)
         model = server.check_model(body)
         messages = protocol.parse_messages(body)
-        common = protocol.parse_common(body, max_tokens_fields=("max_tokens",
-                                                                "max_completion_tokens"))
+        common = protocol.parse_common(
+            body, max_tokens_fields=("max_tokens", "max_completion_tokens")
+        )
         kwargs = protocol.field(body, "chat_template_kwargs", "dict", {})
         include_reasoning = protocol.field(body, "include_reasoning", "bool", True)
         try:
@@ -179,13 +187,22 @@ def _add_routes(app: FastAPI, server: Server) -> None:
         params = server.params(common, prompt_ids, gen_cfg.get("max_new_tokens"), "messages")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         stream = server.submit(prompt_ids, params, rid)
-        meta = dict(id=rid, model=model, created=int(time.time()), prompt_tokens=len(prompt_ids),
-                    in_reasoning=in_reasoning, include_reasoning=include_reasoning)
+        meta = dict(
+            id=rid,
+            model=model,
+            created=int(time.time()),
+            prompt_tokens=len(prompt_ids),
+            in_reasoning=in_reasoning,
+            include_reasoning=include_reasoning,
+        )
         if common.stream:
-            sse = chat_sse(stream, meta, common.include_usage, server.engine,
-                              server.metrics)
-            return StreamingResponse(sse, media_type="text/event-stream", headers=SSE_HEADERS,
-                                     background=BackgroundTask(server.engine.abort, stream))
+            sse = chat_sse(stream, meta, common.include_usage, server.engine, server.metrics)
+            return StreamingResponse(
+                sse,
+                media_type="text/event-stream",
+                headers=SSE_HEADERS,
+                background=BackgroundTask(server.engine.abort, stream),
+            )
         finals = await collect(server, request, stream)
         if finals is None:
             return Response(status_code=499)
@@ -207,13 +224,21 @@ def _add_routes(app: FastAPI, server: Server) -> None:
         rid = f"cmpl-{uuid.uuid4().hex}"
         stream = server.submit(prompt_ids, params, rid)
         prompt_text = prompt if isinstance(prompt, str) else tok.decode(prompt_ids)
-        meta = dict(id=rid, model=model, created=int(time.time()), prompt_tokens=len(prompt_ids),
-                    echo=prompt_text if echo else "")
+        meta = dict(
+            id=rid,
+            model=model,
+            created=int(time.time()),
+            prompt_tokens=len(prompt_ids),
+            echo=prompt_text if echo else "",
+        )
         if common.stream:
-            sse = completion_sse(stream, meta, common.include_usage, server.engine,
-                              server.metrics)
-            return StreamingResponse(sse, media_type="text/event-stream", headers=SSE_HEADERS,
-                                     background=BackgroundTask(server.engine.abort, stream))
+            sse = completion_sse(stream, meta, common.include_usage, server.engine, server.metrics)
+            return StreamingResponse(
+                sse,
+                media_type="text/event-stream",
+                headers=SSE_HEADERS,
+                background=BackgroundTask(server.engine.abort, stream),
+            )
         finals = await collect(server, request, stream)
         if finals is None:
             return Response(status_code=499)
@@ -222,9 +247,19 @@ def _add_routes(app: FastAPI, server: Server) -> None:
     @app.get("/v1/models")
     async def models():
         root = str(server.llm.model_path)
-        data = [{"id": name, "object": "model", "created": server.created, "owned_by": "qnext_jax",
-                 "root": root, "parent": None, "max_model_len": server.max_model_len,
-                 "permission": []} for name in server.names]
+        data = [
+            {
+                "id": name,
+                "object": "model",
+                "created": server.created,
+                "owned_by": "qnext_jax",
+                "root": root,
+                "parent": None,
+                "max_model_len": server.max_model_len,
+                "permission": [],
+            }
+            for name in server.names
+        ]
         return {"object": "list", "data": data}
 
     @app.get("/health")

@@ -128,12 +128,16 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None and not self._stopping
 
-    def submit(self, prompt_ids: list[int], params: list[SamplingParams], request_id: str
-               ) -> Stream:
+    def submit(
+        self, prompt_ids: list[int], params: list[SamplingParams], request_id: str
+    ) -> Stream:
         """Queue one prompt with n sampling settings (one engine request each). Non-blocking."""
         if not self.alive:
-            raise EngineDeadError(f"the engine is not running ({self.error!r})" if self.error
-                                  else "the engine is not running")
+            raise EngineDeadError(
+                f"the engine is not running ({self.error!r})"
+                if self.error
+                else "the engine is not running"
+            )
         n = len(params)
         ids = [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
         stream = Stream(asyncio.get_running_loop(), ids)
@@ -164,8 +168,9 @@ class AsyncEngine:
         try:
             while True:
                 with self._cond:
-                    while not (self._inbox or self._aborts or self._stopping
-                               or self.engine.has_work()):
+                    while not (
+                        self._inbox or self._aborts or self._stopping or self.engine.has_work()
+                    ):
                         self._cond.wait()
                     if self._stopping:
                         break
@@ -210,8 +215,9 @@ class AsyncEngine:
             return
         try:
             self._observe(sub, req, new)
-            out = Output(sub.index, self._text(req), len(req.output_ids), req.finish_reason,
-                         req.stop_reason)
+            out = Output(
+                sub.index, self._text(req), len(req.output_ids), req.finish_reason, req.stop_reason
+            )
         except Exception as e:  # one request's failure (e.g. detokenising): fail it alone
             log.exception("request %s failed", req.request_id)
             self._live.pop(req.request_id, None)

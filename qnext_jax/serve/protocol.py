@@ -15,8 +15,13 @@ from typing import Any
 
 from qnext_jax.sampling import SamplingParams
 
-ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowedError",
-               500: "InternalServerError", 503: "ServiceUnavailableError"}
+ERROR_TYPES = {
+    400: "BadRequestError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+}
 
 
 class APIError(Exception):
@@ -163,8 +168,11 @@ def sampling_params(common: Common, max_tokens: int, defaults: dict) -> list[Sam
             raise bad(_sampling_field(str(e)), str(e)) from None
         out.append(p)
     if common.n > 1 and out[0].resolved(defaults).greedy:
-        raise bad("n", f"n={common.n} needs sampling: with greedy decoding (temperature 0, or the "
-                       "checkpoint's default) every choice would be the same; use n=1")
+        raise bad(
+            "n",
+            f"n={common.n} needs sampling: with greedy decoding (temperature 0, or the "
+            "checkpoint's default) every choice would be the same; use n=1",
+        )
     return out
 
 
@@ -200,8 +208,11 @@ def parse_messages(body: dict) -> list[dict]:
         if isinstance(content, list):
             parts = []
             for part in content:
-                if not (isinstance(part, dict) and part.get("type") == "text"
-                        and isinstance(part.get("text"), str)):
+                if not (
+                    isinstance(part, dict)
+                    and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)
+                ):
                     raise bad("messages", f"messages[{i}].content: only text parts are supported")
                 parts.append(part["text"])
             content = "".join(parts)

@@ -23,8 +23,11 @@ def sse(obj: dict) -> str:
 
 def usage(prompt_tokens: int, finals) -> dict:
     completion = sum(o.num_tokens for o in finals)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+    }
 
 
 def _head(meta: dict, obj: str) -> dict:
@@ -44,20 +47,44 @@ def chat_response(finals: dict, meta: dict) -> dict:
         reasoning, content = split_reasoning(out.text, meta["in_reasoning"])
         if not meta["include_reasoning"]:
             reasoning = None
-        message = {"role": "assistant", "content": content, **_reasoning_fields(reasoning),
-                   "tool_calls": []}
-        choices.append({"index": i, "message": message, "logprobs": None,
-                        "finish_reason": out.finish_reason, "stop_reason": out.stop_reason})
-    return {**_head(meta, "chat.completion"), "choices": choices,
-            "usage": usage(meta["prompt_tokens"], finals.values())}
+        message = {
+            "role": "assistant",
+            "content": content,
+            **_reasoning_fields(reasoning),
+            "tool_calls": [],
+        }
+        choices.append(
+            {
+                "index": i,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": out.finish_reason,
+                "stop_reason": out.stop_reason,
+            }
+        )
+    return {
+        **_head(meta, "chat.completion"),
+        "choices": choices,
+        "usage": usage(meta["prompt_tokens"], finals.values()),
+    }
 
 
 def completion_response(finals: dict, meta: dict) -> dict:
-    choices = [{"index": i, "text": meta["echo"] + finals[i].text, "logprobs": None,
-                "finish_reason": finals[i].finish_reason, "stop_reason": finals[i].stop_reason}
-               for i in sorted(finals)]
-    return {**_head(meta, "text_completion"), "choices": choices,
-            "usage": usage(meta["prompt_tokens"], finals.values())}
+    choices = [
+        {
+            "index": i,
+            "text": meta["echo"] + finals[i].text,
+            "logprobs": None,
+            "finish_reason": finals[i].finish_reason,
+            "stop_reason": finals[i].stop_reason,
+        }
+        for i in sorted(finals)
+    ]
+    return {
+        **_head(meta, "text_completion"),
+        "choices": choices,
+        "usage": usage(meta["prompt_tokens"], finals.values()),
+    }
 
 
 # ---- streaming ---------------------------------------------------------------------------
@@ -70,7 +97,7 @@ async def _deltas(stream):
             continue
         before = sent.get(out.index, "")
         sent[out.index] = out.text
-        yield out, out.text[len(before):]
+        yield out, out.text[len(before) :]
 
 
 async def _stream_with_errors(body, stream, engine, metrics):

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import pytest
 import qnext_convert
-from model_utils import jax_logits
 from flax import nnx
+from model_utils import jax_logits
 from qnext_convert import CheckpointError
 from safetensors.numpy import load_file, save_file
 

@@ -10,7 +10,11 @@ from qnext_jax.chat import ReasoningStream, split_reasoning, starts_in_reasoning
 
 CASES = [
     # (output text, prompt opened <think>, expected (reasoning, content))
-    ("<think>\n12 + 7 = 19\n</think>\n\nThe answer is 19.", False, ("12 + 7 = 19", "The answer is 19.")),
+    (
+        "<think>\n12 + 7 = 19\n</think>\n\nThe answer is 19.",
+        False,
+        ("12 + 7 = 19", "The answer is 19."),
+    ),
     ("12 + 7 = 19\n</think>\n\nThe answer is 19.", True, ("12 + 7 = 19", "The answer is 19.")),
     ("still thinking, cut by max_tokens", True, ("still thinking, cut by max_tokens", "")),
     ("<think>\nunfinished", False, ("unfinished", "")),

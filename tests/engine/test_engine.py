@@ -42,11 +42,15 @@ def hf_greedy(base_checkpoint):
     for p in prompts:
         with torch.no_grad():
             ids = hf_model.generate(
-                torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                max_new_tokens=32, min_new_tokens=32, do_sample=False, eos_token_id=None,
+                torch.tensor([p]),
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                max_new_tokens=32,
+                min_new_tokens=32,
+                do_sample=False,
+                eos_token_id=None,
                 pad_token_id=0,
             )
-        outs.append(ids[0, len(p):].tolist())
+        outs.append(ids[0, len(p) :].tolist())
     return prompts, outs
 
 
@@ -91,10 +95,14 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(base_model):
     first, _, _ = run(base_model, prompts, a, max_num_seqs=4)
     again, _, _ = run(base_model, prompts[:1], a, max_num_seqs=1)
     assert first[0] == again[0]  # same seed, same sample, alone or batched
-    other, _, _ = run(base_model, prompts[:1], SamplingParams(max_tokens=16, temperature=1.0, seed=8))
+    other, _, _ = run(
+        base_model, prompts[:1], SamplingParams(max_tokens=16, temperature=1.0, seed=8)
+    )
     assert other[0] != first[0]
     greedy, _, _ = run(base_model, prompts[:1], SamplingParams(max_tokens=16, temperature=0.0))
-    cold, _, _ = run(base_model, prompts[:1], SamplingParams(max_tokens=16, temperature=1e-6, seed=1))
+    cold, _, _ = run(
+        base_model, prompts[:1], SamplingParams(max_tokens=16, temperature=1e-6, seed=1)
+    )
     assert cold == greedy
 
 
@@ -103,23 +111,34 @@ def test_stop_token_ids_min_tokens_and_max_tokens(base_model):
     free, _, _ = run(base_model, [prompt], SamplingParams(max_tokens=24, **GREEDY))
     stop_at = free[0][5]
     first = free[0].index(stop_at)
-    got, reqs, _ = run(base_model, [prompt], SamplingParams(max_tokens=24, stop_token_ids=[stop_at], **GREEDY))
+    got, reqs, _ = run(
+        base_model, [prompt], SamplingParams(max_tokens=24, stop_token_ids=[stop_at], **GREEDY)
+    )
     assert got[0] == free[0][: first + 1] and reqs[0].finish_reason == "stop"
     assert reqs[0].stop_reason == stop_at
     # the same token as EOS, but min_tokens forbids stopping before 8 tokens
-    got, reqs, _ = run(base_model, [prompt], SamplingParams(max_tokens=24, min_tokens=8, **GREEDY),
-                       eos_ids=[stop_at])
+    got, reqs, _ = run(
+        base_model,
+        [prompt],
+        SamplingParams(max_tokens=24, min_tokens=8, **GREEDY),
+        eos_ids=[stop_at],
+    )
     assert len(got[0]) >= 8 and stop_at not in got[0][:8]
-    got, reqs, _ = run(base_model, [prompt], SamplingParams(max_tokens=24, ignore_eos=True, **GREEDY),
-                       eos_ids=[stop_at])
+    got, reqs, _ = run(
+        base_model,
+        [prompt],
+        SamplingParams(max_tokens=24, ignore_eos=True, **GREEDY),
+        eos_ids=[stop_at],
+    )
     assert got == free and reqs[0].finish_reason == "length"
 
 
 def test_prompt_lengths_within_a_bucket_compile_once(base_model):
     """Rows are bucketed to powers of two and chunks to >= 16 tokens: prompts of 3..17 tokens
     admitted one at a time all reuse the first prefill program."""
-    _, _, engine = run(base_model, prompts_of([5]), SamplingParams(max_tokens=4, **GREEDY),
-                       max_num_seqs=2)
+    _, _, engine = run(
+        base_model, prompts_of([5]), SamplingParams(max_tokens=4, **GREEDY), max_num_seqs=2
+    )
     before = dict(engine.compiles)
     for n in (3, 11, 17):
         engine.add_request(prompts_of([n], seed=n)[0], SamplingParams(max_tokens=5, **GREEDY))

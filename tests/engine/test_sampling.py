@@ -42,9 +42,16 @@ def test_sampling_frequencies_match_the_distribution():
     B = 4000
     r = rows(B).replace(key=jnp.asarray(np.stack([seed_key(i) for i in range(B)])))
     logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs, jnp.float32)), (B, 3))
-    toks = sample(logits, r, jnp.zeros((B, 3), jnp.int32), jnp.zeros((B, 3), bool), jnp.zeros((B,), jnp.int32))
+    toks = sample(
+        logits, r, jnp.zeros((B, 3), jnp.int32), jnp.zeros((B, 3), bool), jnp.zeros((B,), jnp.int32)
+    )
     freq = np.bincount(np.asarray(toks), minlength=3) / B
     assert np.all(np.abs(freq - probs) < 0.03), freq  # ~4 sigma at B=4000
-    greedy = sample(logits, r.replace(temperature=jnp.zeros((B,))), jnp.zeros((B, 3), jnp.int32),
-                    jnp.zeros((B, 3), bool), jnp.zeros((B,), jnp.int32))
+    greedy = sample(
+        logits,
+        r.replace(temperature=jnp.zeros((B,))),
+        jnp.zeros((B, 3), jnp.int32),
+        jnp.zeros((B, 3), bool),
+        jnp.zeros((B,), jnp.int32),
+    )
     assert set(np.asarray(greedy).tolist()) == {0}

@@ -4,13 +4,13 @@ distribution, a rejected draft leaves no trace in the GDN state, stop rules cut 
 
 from __future__ import annotations
 
+import hf_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from model_utils import jax_logits
 
-import hf_utils
 import qnext_jax
 from qnext_jax import speculative
 from qnext_jax.cache import GDNCache
@@ -35,8 +35,9 @@ def prompts_of(lengths, vocab=32, seed=0):
 
 
 def run(model, prompts, params, k=0, eos_ids=(), max_num_seqs=4, block=4):
-    cfg = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=96, num_speculative_tokens=k,
-                       decode_block=block)
+    cfg = EngineConfig(
+        max_num_seqs=max_num_seqs, max_model_len=96, num_speculative_tokens=k, decode_block=block
+    )
     engine = Engine(model, cfg, eos_ids=list(eos_ids))
     params = params if isinstance(params, list) else [params] * len(prompts)
     reqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
@@ -72,7 +73,9 @@ def test_greedy_with_random_mtp_equals_plain(mtp_model, k):
     assert all(r.spec_steps > 0 for r in spec)
 
 
-@pytest.mark.parametrize("wrong_after,k", [(None, 2), (None, 3), (1, 3)], ids=["oracle2", "oracle3", "mixed3"])
+@pytest.mark.parametrize(
+    "wrong_after,k", [(None, 2), (None, 3), (1, 3)], ids=["oracle2", "oracle3", "mixed3"]
+)
 def test_greedy_with_forced_drafts_equals_plain(mtp_model, monkeypatch, wrong_after, k):
     monkeypatch.setattr(speculative, "draft", oracle_draft(wrong_after))
     prompts = prompts_of([5, 17], seed=1)
@@ -107,8 +110,11 @@ def test_rejected_draft_leaves_gdn_state_as_never_seen(mtp_model):
     params = SamplingParams(max_tokens=40, temperature=0.0)
     engines = {}
     for k in (0, 3):
-        engine = Engine(mtp_model, EngineConfig(max_num_seqs=1, max_model_len=96,
-                                                num_speculative_tokens=k), eos_ids=[])
+        engine = Engine(
+            mtp_model,
+            EngineConfig(max_num_seqs=1, max_model_len=96, num_speculative_tokens=k),
+            eos_ids=[],
+        )
         req = engine.add_request(prompt, params)
         engine.step(block=1)
         engines[k] = (engine, req)
@@ -125,7 +131,9 @@ def test_rejected_draft_leaves_gdn_state_as_never_seen(mtp_model):
             if not isinstance(a, GDNCache):  # K/V past the accepted positions may differ (masked)
                 continue
             n_gdn += 1
-            np.testing.assert_allclose(np.asarray(a.state), np.asarray(b.state), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                np.asarray(a.state), np.asarray(b.state), rtol=1e-5, atol=1e-6
+            )
             np.testing.assert_allclose(np.asarray(a.conv), np.asarray(b.conv), rtol=1e-5, atol=1e-6)
     assert n_gdn > 0
 
@@ -141,7 +149,9 @@ def test_sampled_tokens_follow_the_target_distribution(mtp_model):
     params = [SamplingParams(max_tokens=2, temperature=1.0, seed=s) for s in range(N)]
     reqs, engine = run(mtp_model, [prompt] * N, params, k=2, max_num_seqs=64, block=2)
     assert sum(sum(r.spec_accepted) for r in reqs) > 20  # drafts were accepted and rejected
-    probs = lambda seqs: jax.nn.softmax(jax_logits(mtp_model, np.asarray(seqs))[:, -1].astype(np.float64), -1)
+    probs = lambda seqs: jax.nn.softmax(
+        jax_logits(mtp_model, np.asarray(seqs))[:, -1].astype(np.float64), -1
+    )
     p1 = np.asarray(probs([prompt]))[0]
     p2_given = np.asarray(probs([prompt + [t] for t in range(V)]))  # [V, V]
     p2 = p1 @ p2_given

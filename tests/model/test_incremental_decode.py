@@ -7,8 +7,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from model_utils import jax_logits, rel_err
 from flax import nnx
+from model_utils import jax_logits, rel_err
 
 TOL = 1e-5  # fp32, relative to the largest |logit|
 MAX_LEN = 32

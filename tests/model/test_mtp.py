@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from model_utils import read_config, rel_err
 from flax import nnx
+from model_utils import read_config, rel_err
 from safetensors.numpy import load_file
 
 import qnext_jax

@@ -50,8 +50,9 @@ class Running:
 def start(app) -> Running:
     """Serve `app` with uvicorn in a daemon thread; returns once the port accepts requests."""
     port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                       timeout_keep_alive=30))
+    uv = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_keep_alive=30)
+    )
     thread = threading.Thread(target=uv.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     deadline = time.time() + 60
@@ -94,7 +95,7 @@ def sse_events(lines) -> list:
         if not line:
             continue
         assert line.startswith("data: "), line
-        data = line[len("data: "):]
+        data = line[len("data: ") :]
         events.append(data if data == "[DONE]" else json.loads(data))
     return events
 

@@ -16,8 +16,12 @@ def client(served):
 
 
 def test_chat_non_streaming_thinks(client):
-    r = client.chat.completions.create(model="qnext-demo", temperature=0, max_tokens=100,
-                                       messages=[{"role": "user", "content": QUESTION}])
+    r = client.chat.completions.create(
+        model="qnext-demo",
+        temperature=0,
+        max_tokens=100,
+        messages=[{"role": "user", "content": QUESTION}],
+    )
     choice = r.choices[0]
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
     assert choice.finish_reason == "stop" and choice.message.role == "assistant"
@@ -32,18 +36,26 @@ def test_chat_non_streaming_thinks(client):
 
 def test_chat_thinking_off(client):
     r = client.chat.completions.create(
-        model="qnext-demo", max_tokens=60, messages=[{"role": "user", "content": QUESTION}],
-        extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+        model="qnext-demo",
+        max_tokens=60,
+        messages=[{"role": "user", "content": QUESTION}],
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+    )
     msg = r.choices[0].message
     assert "68" in msg.content and msg.model_extra["reasoning"] is None
 
 
 def test_chat_streaming_matches_spec_and_non_streaming(client, served):
-    kw = dict(model="qnext-demo", temperature=0, max_tokens=100,
-              messages=[{"role": "user", "content": QUESTION}])
+    kw = dict(
+        model="qnext-demo",
+        temperature=0,
+        max_tokens=100,
+        messages=[{"role": "user", "content": QUESTION}],
+    )
     full = client.chat.completions.create(**kw)
-    chunks = list(client.chat.completions.create(**kw, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    )
     first, *middle, usage_chunk = chunks
     assert first.choices[0].delta.role == "assistant" and first.choices[0].delta.content == ""
     assert usage_chunk.choices == []
@@ -55,8 +67,12 @@ def test_chat_streaming_matches_spec_and_non_streaming(client, served):
     assert content == full.choices[0].message.content
     assert reasoning == full.choices[0].message.model_extra["reasoning"]
     # the raw stream ends with [DONE]
-    with httpx.stream("POST", served.base + "/v1/chat/completions", timeout=120,
-                      json=chat_body(QUESTION, max_tokens=8, stream=True)) as r:
+    with httpx.stream(
+        "POST",
+        served.base + "/v1/chat/completions",
+        timeout=120,
+        json=chat_body(QUESTION, max_tokens=8, stream=True),
+    ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         assert sse_events(r.iter_lines())[-1] == "[DONE]"
 
@@ -70,17 +86,29 @@ def test_completions_string_list_and_token_ids(client, served):
     for p in ([prompt], ids, [ids]):
         b = client.completions.create(model="qnext-demo", prompt=p, max_tokens=20, temperature=0)
         assert b.choices[0].text == a.choices[0].text and b.usage.prompt_tokens == len(ids)
-    streamed = list(client.completions.create(model="qnext-demo", prompt=prompt, max_tokens=20,
-                                              temperature=0, stream=True,
-                                              stream_options={"include_usage": True}))
+    streamed = list(
+        client.completions.create(
+            model="qnext-demo",
+            prompt=prompt,
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in streamed[:-1]) == a.choices[0].text
     assert streamed[-2].choices[0].finish_reason == "length"
     assert streamed[-1].usage.completion_tokens == 20
 
 
 def test_stop_string_cut_same_streaming(client):
-    kw = dict(model="qnext-demo", temperature=0, max_tokens=100, stop=["carry"],
-              messages=[{"role": "user", "content": QUESTION}])
+    kw = dict(
+        model="qnext-demo",
+        temperature=0,
+        max_tokens=100,
+        stop=["carry"],
+        messages=[{"role": "user", "content": QUESTION}],
+    )
     full = client.chat.completions.create(**kw)
     assert full.choices[0].finish_reason == "stop"
     assert full.choices[0].model_extra["stop_reason"] == "carry"
@@ -92,16 +120,28 @@ def test_stop_string_cut_same_streaming(client):
 
 
 def test_seeded_sampling_repeats(client):
-    kw = dict(model="qnext-demo", temperature=1.0, top_p=0.9, seed=7, max_tokens=40,
-              messages=[{"role": "user", "content": QUESTION}])
+    kw = dict(
+        model="qnext-demo",
+        temperature=1.0,
+        top_p=0.9,
+        seed=7,
+        max_tokens=40,
+        messages=[{"role": "user", "content": QUESTION}],
+    )
     a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
     assert a.choices[0].message == b.choices[0].message
 
 
 def test_n_choices(client):
-    r = client.chat.completions.create(model="qnext-demo", temperature=1.0, seed=1, n=3,
-                                       max_tokens=12, extra_body={"ignore_eos": True},
-                                       messages=[{"role": "user", "content": QUESTION}])
+    r = client.chat.completions.create(
+        model="qnext-demo",
+        temperature=1.0,
+        seed=1,
+        n=3,
+        max_tokens=12,
+        extra_body={"ignore_eos": True},
+        messages=[{"role": "user", "content": QUESTION}],
+    )
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert r.usage.completion_tokens == 36
 
@@ -125,22 +165,33 @@ def test_tokenize_round_trip(served):
     assert t["count"] == len(t["tokens"]) > 0 and t["max_model_len"] == MAX_MODEL_LEN
     d = httpx.post(served.base + "/detokenize", json={"tokens": t["tokens"]}).json()
     assert d == {"prompt": text}
-    chat = httpx.post(served.base + "/tokenize",
-                      json={"messages": [{"role": "user", "content": text}]}).json()
+    chat = httpx.post(
+        served.base + "/tokenize", json={"messages": [{"role": "user", "content": text}]}
+    ).json()
     assert chat["count"] > t["count"]
 
 
 def test_metrics_exposed(served, client):
     before = metric(served.base, "qnext:generation_tokens_total")
-    client.completions.create(model="qnext-demo", prompt="1 + 1 =", max_tokens=5, temperature=0,
-                              extra_body={"ignore_eos": True})
+    client.completions.create(
+        model="qnext-demo",
+        prompt="1 + 1 =",
+        max_tokens=5,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     text = httpx.get(served.base + "/metrics").text
-    for name in ("qnext:num_requests_running", "qnext:num_requests_waiting",
-                 "qnext:request_success_total", "qnext:prompt_tokens_total",
-                 "qnext:generation_tokens_total", "qnext:time_to_first_token_seconds_bucket",
-                 "qnext:inter_token_latency_seconds_bucket",
-                 "qnext:spec_decode_num_draft_tokens_total",
-                 "qnext:spec_decode_num_accepted_tokens_total"):
+    for name in (
+        "qnext:num_requests_running",
+        "qnext:num_requests_waiting",
+        "qnext:request_success_total",
+        "qnext:prompt_tokens_total",
+        "qnext:generation_tokens_total",
+        "qnext:time_to_first_token_seconds_bucket",
+        "qnext:inter_token_latency_seconds_bucket",
+        "qnext:spec_decode_num_draft_tokens_total",
+        "qnext:spec_decode_num_accepted_tokens_total",
+    ):
         assert name in text, name
     assert metric(served.base, "qnext:generation_tokens_total") == before + 5
     assert metric(served.base, "qnext:spec_decode_num_draft_tokens_total") == 0

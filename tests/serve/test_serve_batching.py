@@ -11,8 +11,10 @@ import httpx
 from serve_utils import MAX_NUM_SEQS, chat_body, metric
 
 # Two-digit operands: every prompt is 18 tokens, so admissions compile few shapes
-QUESTIONS = [f"What is {a} + {b}?" for a, b in
-             [(12, 34), (23, 45), (57, 38), (99, 99), (64, 18), (40, 60), (17, 58), (88, 11)]]
+QUESTIONS = [
+    f"What is {a} + {b}?"
+    for a, b in [(12, 34), (23, 45), (57, 38), (99, 99), (64, 18), (40, 60), (17, 58), (88, 11)]
+]
 
 
 def _prompt(q: str) -> str:
@@ -41,14 +43,24 @@ async def _stream(client, path, body) -> tuple[list, float]:
 
 
 def _client(served, n=64, timeout=300):
-    return httpx.AsyncClient(base_url=served.base, timeout=timeout,
-                             limits=httpx.Limits(max_connections=n, max_keepalive_connections=n))
+    return httpx.AsyncClient(
+        base_url=served.base,
+        timeout=timeout,
+        limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
+    )
 
 
 def test_greedy_results_do_not_depend_on_batching(served):
     """16 concurrent greedy chat requests each give what they give alone (token for token)."""
-    bodies = [chat_body(QUESTIONS[i % 8], temperature=0, max_tokens=24 + 3 * i,
-                        chat_template_kwargs={"enable_thinking": i % 2 == 0}) for i in range(16)]
+    bodies = [
+        chat_body(
+            QUESTIONS[i % 8],
+            temperature=0,
+            max_tokens=24 + 3 * i,
+            chat_template_kwargs={"enable_thinking": i % 2 == 0},
+        )
+        for i in range(16)
+    ]
 
     async def run():
         async with _client(served, 16) as c:
@@ -66,27 +78,41 @@ def test_load_64_streaming_clients_256_requests(served):
     """256 mixed streaming requests over 64 connections: each completes exactly once, with the
     text its prompt gives alone (a prefix of the longer reference), and every slot ends free."""
     rng = random.Random(0)
-    base_success = sum(metric(served.base, "qnext:request_success_total", finished_reason=r)
-                       for r in ("stop", "length", "abort"))
+    base_success = sum(
+        metric(served.base, "qnext:request_success_total", finished_reason=r)
+        for r in ("stop", "length", "abort")
+    )
 
     async def run():
         async with _client(served, 64) as c:
-            refs = [(await _post(c, "/v1/completions", {"prompt": _prompt(q), "max_tokens": 8,
-                                                       "temperature": 0}))["choices"][0]["text"]
-                    for q in QUESTIONS]
+            refs = [
+                (
+                    await _post(
+                        c,
+                        "/v1/completions",
+                        {"prompt": _prompt(q), "max_tokens": 8, "temperature": 0},
+                    )
+                )["choices"][0]["text"]
+                for q in QUESTIONS
+            ]
             gate = asyncio.Semaphore(64)
 
             async def one(i):
                 q = rng.randrange(8)
                 max_tokens = rng.choice([1, 2, 4, 6, 8])
                 chat = i % 2 == 1
-                body = ({**chat_body(QUESTIONS[q]), "stream": True} if chat else
-                        {"prompt": _prompt(QUESTIONS[q]), "stream": True})
-                body.update(max_tokens=max_tokens, temperature=0,
-                            stream_options={"include_usage": True})
+                body = (
+                    {**chat_body(QUESTIONS[q]), "stream": True}
+                    if chat
+                    else {"prompt": _prompt(QUESTIONS[q]), "stream": True}
+                )
+                body.update(
+                    max_tokens=max_tokens, temperature=0, stream_options={"include_usage": True}
+                )
                 async with gate:
-                    events, _ = await _stream(c, "/v1/chat/completions" if chat else
-                                              "/v1/completions", body)
+                    events, _ = await _stream(
+                        c, "/v1/chat/completions" if chat else "/v1/completions", body
+                    )
                 return i, q, max_tokens, chat, events
 
             results = await asyncio.gather(*[one(i) for i in range(256)])
@@ -113,8 +139,10 @@ def test_load_64_streaming_clients_256_requests(served):
             text = "".join(c["choices"][0]["text"] for c in chunks)
             assert refs[q].startswith(text), (text, refs[q])
     assert len(ids) == 256  # none duplicated
-    success = sum(metric(served.base, "qnext:request_success_total", finished_reason=r)
-                  for r in ("stop", "length", "abort"))
+    success = sum(
+        metric(served.base, "qnext:request_success_total", finished_reason=r)
+        for r in ("stop", "length", "abort")
+    )
     assert success - base_success == 256 + len(QUESTIONS)
     assert metric(served.base, "qnext:num_requests_running") == 0
     assert metric(served.base, "qnext:num_requests_waiting") == 0
@@ -142,25 +170,38 @@ def test_disconnect_frees_slot_while_others_go_on(served):
 
     async def run():
         async with _client(served, 8) as c:
-            others = [asyncio.ensure_future(_stream(c, "/v1/completions", {**long, "stream": True}))
-                      for _ in range(3)]
+            others = [
+                asyncio.ensure_future(_stream(c, "/v1/completions", {**long, "stream": True}))
+                for _ in range(3)
+            ]
             assert await asyncio.to_thread(
-                _wait_for, lambda: metric(served.base, "qnext:num_requests_running") == 3)
+                _wait_for, lambda: metric(served.base, "qnext:num_requests_running") == 3
+            )
             async with c.stream("POST", "/v1/completions", json={**long, "stream": True}) as r:
                 seen = 0
                 async for line in r.aiter_lines():
                     seen += bool(line)
                     if seen == 2:
                         break  # leaving the block closes the connection mid-stream
-            aborted = await asyncio.to_thread(_wait_for, lambda: metric(
-                served.base, "qnext:request_success_total", finished_reason="abort") == aborts0 + 1)
+            aborted = await asyncio.to_thread(
+                _wait_for,
+                lambda: (
+                    metric(served.base, "qnext:request_success_total", finished_reason="abort")
+                    == aborts0 + 1
+                ),
+            )
             running_after = metric(served.base, "qnext:num_requests_running")
             try:
                 await c.post("/v1/completions", json=long, timeout=1.0)
             except httpx.ReadTimeout:
                 pass
-            aborted2 = await asyncio.to_thread(_wait_for, lambda: metric(
-                served.base, "qnext:request_success_total", finished_reason="abort") == aborts0 + 2)
+            aborted2 = await asyncio.to_thread(
+                _wait_for,
+                lambda: (
+                    metric(served.base, "qnext:request_success_total", finished_reason="abort")
+                    == aborts0 + 2
+                ),
+            )
             return aborted, running_after, aborted2, await asyncio.gather(*others)
 
     aborted, running_after, aborted2, others = asyncio.run(run())

@@ -75,10 +75,12 @@ BODY = {"prompt": "1 + 1 =", "max_tokens": 10}
 def test_queue_beyond_max_queue_len_is_503(demo_llm):
     running = _serve(demo_llm, ScriptedEngine(max_num_seqs=1, delay=0.05), max_queue_len=2)
     try:
+
         async def run():
             async with httpx.AsyncClient(base_url=running.base, timeout=60) as c:
-                return await asyncio.gather(*[c.post("/v1/completions", json=BODY)
-                                              for _ in range(6)])
+                return await asyncio.gather(
+                    *[c.post("/v1/completions", json=BODY) for _ in range(6)]
+                )
 
         replies = asyncio.run(run())
         codes = sorted(r.status_code for r in replies)
@@ -101,8 +103,9 @@ def test_dead_engine_thread_fails_requests_and_health(demo_llm, stream):
     running = _serve(demo_llm, ScriptedEngine(max_num_seqs=2, fail_at=3), max_queue_len=4)
     try:
         assert httpx.get(running.base + "/health").status_code == 200
-        r = httpx.post(running.base + "/v1/completions", json={**BODY, "stream": stream},
-                       timeout=60)
+        r = httpx.post(
+            running.base + "/v1/completions", json={**BODY, "stream": stream}, timeout=60
+        )
         if stream:  # the failure came after the 200: an error event, then [DONE]
             assert r.status_code == 200 and '"code":503' in r.text
             assert r.text.rstrip().endswith("data: [DONE]")

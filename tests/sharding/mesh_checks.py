@@ -22,8 +22,13 @@ if jax.device_count() < 8:
     pytest.skip("needs 8 devices (run through test_sharding.py)", allow_module_level=True)
 
 # 8 query / 2 KV heads (KV split at TP=2, replicated at TP=4 and 8), 8 / 16 GDN heads, 16 experts
-CFG = tiny_config(num_attention_heads=8, num_key_value_heads=2, linear_num_key_heads=8,
-                  linear_num_value_heads=16, num_experts=16)
+CFG = tiny_config(
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    linear_num_key_heads=8,
+    linear_num_value_heads=16,
+    num_experts=16,
+)
 OPTS = RuntimeOptions(dtype="float32")
 T = ("ep", "tp")  # the tensor axis: the whole mesh
 
@@ -79,8 +84,9 @@ def test_kernels_run_per_device_on_their_heads():
 
     ids, want = reference()
     mesh = sharding.make_mesh(CFG, 8)
-    model = Qwen3NextForCausalLM(CFG, dataclasses.replace(OPTS, mesh=mesh, gdn_impl="pallas"),
-                                 rngs=nnx.Rngs(0))
+    model = Qwen3NextForCausalLM(
+        CFG, dataclasses.replace(OPTS, mesh=mesh, gdn_impl="pallas"), rngs=nnx.Rngs(0)
+    )
     got = logits(sharding.shard_params(model, mesh=mesh, cfg=CFG), ids)
     assert np.max(np.abs(got - want)) / np.max(np.abs(want)) <= 1e-5
 
@@ -95,9 +101,14 @@ def test_kernels_run_per_device_on_their_heads():
 
 def test_parameter_shardings_follow_the_table():
     mesh = sharding.make_mesh(CFG, 8, 2)  # ("ep", "tp") = (2, 4)
-    specs = {p: s.spec for p, s in nnx.to_flat_state(
-        sharding.param_shardings(nnx.state(nnx.eval_shape(lambda: build()), nnx.Param),
-                                 mesh=mesh, cfg=CFG))}
+    specs = {
+        p: s.spec
+        for p, s in nnx.to_flat_state(
+            sharding.param_shardings(
+                nnx.state(nnx.eval_shape(lambda: build()), nnx.Param), mesh=mesh, cfg=CFG
+            )
+        )
+    }
     layer = ("segments", 0, "group", "layers")  # [GDN] x 3, stacked
     attn = ("segments", 1, "group", "layers")  # [attention] x 1
     want = {
@@ -124,8 +135,11 @@ def test_parameter_shardings_follow_the_table():
     for path, spec in want.items():
         assert specs[path] == spec, path
     # KV heads split while they divide
-    tp2 = sharding.param_shardings(nnx.state(nnx.eval_shape(lambda: build()), nnx.Param),
-                                   mesh=sharding.make_mesh(CFG, 2), cfg=CFG)
+    tp2 = sharding.param_shardings(
+        nnx.state(nnx.eval_shape(lambda: build()), nnx.Param),
+        mesh=sharding.make_mesh(CFG, 2),
+        cfg=CFG,
+    )
     k_proj = (*attn, 0, "self_attn", "k_proj", "w")
     assert dict(nnx.to_flat_state(tp2))[k_proj].spec == P(None, None, T)
 
@@ -141,8 +155,9 @@ def test_cache_split_with_heads():
         assert gdn.state.sharding.spec == P(None, None, T, None, None)
         assert cache["mtp"].v.sharding.spec == P(None, None, None, kv, None)
         direct = sharding.init_cache(model, 2, 16, mesh=mesh, cfg=CFG)  # made split, not moved
-        assert jax.tree.map(lambda a, b: a.sharding.is_equivalent_to(b.sharding, a.ndim),
-                            direct, cache) == jax.tree.map(lambda a: True, cache)
+        assert jax.tree.map(
+            lambda a, b: a.sharding.is_equivalent_to(b.sharding, a.ndim), direct, cache
+        ) == jax.tree.map(lambda a: True, cache)
 
 
 def test_make_mesh_rejects_sizes_that_do_not_divide():
@@ -160,8 +175,12 @@ def test_greedy_generation_identical():
     params = SamplingParams(max_tokens=12, temperature=0.0)
 
     def generate(model, place_cache=None):
-        engine = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=32, prefill_chunk=16,
-                                            decode_block=8), eos_ids=[], place_cache=place_cache)
+        engine = Engine(
+            model,
+            EngineConfig(max_num_seqs=2, max_model_len=32, prefill_chunk=16, decode_block=8),
+            eos_ids=[],
+            place_cache=place_cache,
+        )
         reqs = [engine.add_request(p, params) for p in prompts]
         while engine.has_work():
             engine.step()
@@ -198,8 +217,9 @@ def test_sharded_loading(saved, fmt):
     mesh = sharding.make_mesh(CFG, 8, 4)
     shardings_fn = functools.partial(sharding.param_shardings, mesh=mesh, cfg=CFG)
     options = dataclasses.replace(OPTS, mesh=mesh)
-    model = qnext_jax.from_pretrained(root / fmt, "float32", options=options,
-                                      shardings_fn=shardings_fn, progress=False)
+    model = qnext_jax.from_pretrained(
+        root / fmt, "float32", options=options, shardings_fn=shardings_fn, progress=False
+    )
     table = dict(nnx.to_flat_state(shardings_fn(nnx.state(model, nnx.Param))))
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         x = var[...]

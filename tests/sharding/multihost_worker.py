@@ -18,9 +18,16 @@ from flax import nnx
 from qnext_jax.config import FULL, LINEAR, RuntimeOptions, tiny_config
 from qnext_jax.model import Qwen3NextForCausalLM
 
-CFG = tiny_config(num_attention_heads=8, num_key_value_heads=2, linear_num_key_heads=8,
-                  linear_num_value_heads=16, num_experts=16, num_mtp_layers=0,
-                  num_hidden_layers=2, layer_types=(LINEAR, FULL))  # one GDN, one attention layer
+CFG = tiny_config(
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    linear_num_key_heads=8,
+    linear_num_value_heads=16,
+    num_experts=16,
+    num_mtp_layers=0,
+    num_hidden_layers=2,
+    layer_types=(LINEAR, FULL),
+)  # one GDN, one attention layer
 PROMPT = np.array([[5, 9, 2, 7, 1, 3, 3, 8], [100, 42, 17, 6, 250, 11, 0, 4]], np.int32)
 NEXT = np.array([[12], [13]], np.int32)
 
@@ -47,16 +54,21 @@ def main(process_id: int, port: int, out_dir: str) -> None:
     from qnext_jax import sharding
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
-                               process_id=process_id, initialization_timeout=120)
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}",
+        num_processes=2,
+        process_id=process_id,
+        initialization_timeout=120,
+    )
     assert jax.device_count() == 4 and jax.local_device_count() == 2, jax.devices()
     mesh = sharding.make_mesh(CFG, 4)  # spans both processes
     model = Qwen3NextForCausalLM(CFG, RuntimeOptions(dtype="float32", mesh=mesh), rngs=nnx.Rngs(0))
     sharding.shard_params(model, mesh=mesh, cfg=CFG)
     cache = sharding.shard_cache(model.init_cache(2, 16), mesh=mesh, cfg=CFG)
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    prompt, nxt = (jax.make_array_from_callback(a.shape, rep, lambda i, a=a: a[i])
-                   for a in (PROMPT, NEXT))
+    prompt, nxt = (
+        jax.make_array_from_callback(a.shape, rep, lambda i, a=a: a[i]) for a in (PROMPT, NEXT)
+    )
     logits = prefill_and_step(model, prompt, nxt, cache)
     assert not logits.is_fully_addressable  # really split over both processes (vocab axis)
     full = multihost_utils.process_allgather(logits, tiled=True)

@@ -18,8 +18,11 @@ HERE = Path(__file__).parent
 
 
 def _env(devices: int) -> dict[str, str]:
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                JAX_PLATFORMS="cpu")
+    return dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+    )
 
 
 def test_tensor_parallel_size_must_divide_the_heads():
@@ -34,8 +37,17 @@ def test_tensor_parallel_size_must_divide_the_heads():
 def test_on_eight_fake_devices():
     """Sharded forward == unsharded (TP/EP 2, 4, 8; KV heads split and replicated), the table's
     parameter and cache shardings, greedy generation, sharded loading (safetensors, orbax)."""
-    cmd = [sys.executable, "-m", "pytest", str(HERE / "mesh_checks.py"), "-q", "-o", "addopts=",
-           "-p", "no:cacheprovider"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(HERE / "mesh_checks.py"),
+        "-q",
+        "-o",
+        "addopts=",
+        "-p",
+        "no:cacheprovider",
+    ]
     proc = subprocess.run(cmd, env=_env(8), capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
@@ -56,9 +68,14 @@ def test_two_processes_sharded_forward(tmp_path):
 
     port = _free_port()
     procs = [
-        subprocess.Popen([sys.executable, str(HERE / "multihost_worker.py"), str(i), str(port),
-                          str(tmp_path)], env=_env(2), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        subprocess.Popen(
+            [sys.executable, str(HERE / "multihost_worker.py"), str(i), str(port), str(tmp_path)],
+            env=_env(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         for i in range(2)
     ]
     try:
