@@ -295,8 +295,10 @@ class Engine:
     def _admission(self, reqs, P, rows):
         """Host arrays describing the admitted rows, padded to P."""
         vals = collections.defaultdict(list)
-        # width bucketed (no recompile per prompt length); padding id V is dropped by the scatter
-        width = _bucket(max(len(r.prompt_ids) for r in reqs), self.cfg.max_model_len, minimum=16)
+        # prompt[:-1] (the last token is the slot's `token`), width bucketed as the prefill
+        # chunks are (no recompile per prompt length); padding id V is dropped by the scatter
+        body = max(max(len(r.prompt_ids) - 1 for r in reqs), 1)
+        width = _bucket(body, self.cfg.max_model_len, minimum=16)
         prompts = np.full((P, width), self.vocab, np.int32)
         for i, r in enumerate(reqs):
             p = r.params
@@ -309,7 +311,7 @@ class Engine:
             vals["stop_ids"].append(stop + [-1] * (MAX_STOP_IDS - len(stop)))
             for k, v in SamplerRows.row_values(p, r.seed).items():
                 vals["s_" + k].append(v)
-            prompts[i, : len(r.prompt_ids)] = r.prompt_ids
+            prompts[i, : len(r.prompt_ids) - 1] = r.prompt_ids[:-1]
         pad = P - len(reqs)
         out = {}
         for k, v in vals.items():
@@ -342,6 +344,7 @@ class Engine:
         P = rows.shape[0]
         V = state.counts.shape[1]
         seen = jnp.zeros((P, V), bool).at[jnp.arange(P)[:, None], prompts].set(True, mode="drop")
+        seen = seen.at[jnp.arange(P), plain["token"]].set(True)  # the prompt's last token
         return Slots(
             token=put(state.token, plain["token"]),
             pos=put(state.pos, plain["pos"]),
