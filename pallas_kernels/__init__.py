@@ -22,11 +22,13 @@ from pallas_kernels.gated_delta_rule import (
     recurrent_gated_delta_rule,
     validate_inputs,
 )
+from pallas_kernels.moe import MoEBlocks, moe_experts_decode, moe_experts_decode_ref
 
 __all__ = [
     "ChunkBlocks",
     "ConvBlocks",
     "DecodeBlocks",
+    "MoEBlocks",
     "causal_conv1d",
     "causal_conv1d_ref",
     "causal_conv1d_update",
@@ -35,6 +37,8 @@ __all__ = [
     "fused_recurrent_gated_delta_rule",
     "gdn_gates",
     "l2norm",
+    "moe_experts_decode",
+    "moe_experts_decode_ref",
     "recurrent_gated_delta_rule",
     "validate_conv_inputs",
     "validate_inputs",

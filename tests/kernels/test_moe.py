@@ -1,0 +1,131 @@
+"""Pallas decode MoE (grouped gate_up + down) vs the pure-jnp reference.
+
+Small experts (D=64..128, F=32..64, E=8..16) keep the interpret-mode runs quick; the cases cover
+one token, odd token counts, N > 16 (32 rows per program) with all tokens on one expert (a run
+of 17 rows), neighbouring runs kept apart, ids of experts on another device (== E, or negative),
+bf16 and fp32, weights stored in another dtype than x, and the contract violations.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from kernel_utils import INTERPRET, TOL, rel_err, run
+
+from pallas_kernels.moe import MoEBlocks, moe_experts_decode, moe_experts_decode_ref
+
+# Blocks below the 64-wide test dimensions, so every program loops over several chunks.
+SMALL = MoEBlocks(block_f=16, block_d=32, block_dout=32, block_fin=16)
+
+
+def moe_inputs(N, k, E, D, F, dtype, seed=0, off_device=0.0, w_dtype=None):
+    """x [N, D], experts [N, k] (distinct per token; a fraction off_device set to E, i.e. held
+    by another device), w_gate_up [E, D, 2F], w_down [E, F, D] scaled to unit-size outputs."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((N, D)), dtype)
+    ids = np.stack([rng.choice(E, k, replace=False) for _ in range(N)])
+    ids[rng.random((N, k)) < off_device] = E
+    w_gate_up = rng.standard_normal((E, D, 2 * F)) * D**-0.5
+    w_down = rng.standard_normal((E, F, D)) * F**-0.5
+    w_dtype = w_dtype or dtype
+    return (
+        x,
+        jnp.asarray(ids, jnp.int32),
+        jnp.asarray(w_gate_up, w_dtype),
+        jnp.asarray(w_down, w_dtype),
+    )
+
+
+def _kernel(x, experts, w_gate_up, w_down, blocks=SMALL):
+    return run(
+        moe_experts_decode, x, experts, w_gate_up, w_down, interpret=INTERPRET, blocks=blocks
+    )
+
+
+# fp32: the kernel and the reference compute the same fp32 products and differ only in the
+# order of the sums (interpret mode) -> TOL 1e-5; TF32 products on the GPU -> 5e-3.
+# bf16: products are exact in fp32 on both sides, but silu * up is rounded to bf16 after sums
+# taken in a different order, so an element can land one bf16 ulp (2^-8) apart -> 2e-2.
+@pytest.mark.parametrize(
+    "N, k, E, D, F, dtype, off_device",
+    [
+        (1, 4, 8, 64, 32, jnp.float32, 0.0),
+        (3, 2, 16, 128, 64, jnp.bfloat16, 0.0),
+        (8, 4, 8, 64, 64, jnp.float32, 0.3),
+        (17, 3, 8, 64, 32, jnp.bfloat16, 0.2),  # N > 16: R = 32 rows per program
+    ],
+)
+def test_matches_reference(N, k, E, D, F, dtype, off_device):
+    args = moe_inputs(N, k, E, D, F, dtype, seed=N + k, off_device=off_device)
+    h = _kernel(*args)
+    h_ref = run(moe_experts_decode_ref, *args)
+    assert h.shape == (N, k, D) and h.dtype == jnp.float32
+    assert rel_err(h, h_ref) < TOL[dtype]
+
+
+def test_off_device_ids_give_zero_rows():
+    """Ids == E (another device's expert) and any id outside [0, E) give exact zero rows."""
+    x, experts, w_gate_up, w_down = moe_inputs(5, 3, 8, 64, 32, jnp.float32, seed=1)
+    E = w_gate_up.shape[0]
+    experts = experts.at[0, :].set(E).at[2, 1].set(-1).at[4, 2].set(E + 7)
+    h = _kernel(x, experts, w_gate_up, w_down)
+    off = np.asarray((experts < 0) | (experts >= E))
+    assert np.all(np.asarray(h)[off] == 0.0)
+    assert np.all(np.abs(np.asarray(h)[~off]).max(axis=-1) > 0)
+    assert rel_err(h, run(moe_experts_decode_ref, x, experts, w_gate_up, w_down)) < TOL[jnp.float32]
+    all_off = _kernel(x, jnp.full_like(experts, E), w_gate_up, w_down)
+    assert np.all(np.asarray(all_off) == 0.0)
+
+
+def test_all_tokens_on_one_expert():
+    """17 tokens share expert 3 in slot 0: one run of 17 rows (> 16, so R = 32)."""
+    x, experts, w_gate_up, w_down = moe_inputs(17, 2, 8, 64, 32, jnp.float32, seed=2)
+    experts = experts.at[:, 0].set(3)
+    experts = experts.at[:, 1].set(jnp.where(experts[:, 1] == 3, 5, experts[:, 1]))
+    h = _kernel(x, experts, w_gate_up, w_down)
+    assert rel_err(h, run(moe_experts_decode_ref, x, experts, w_gate_up, w_down)) < TOL[jnp.float32]
+    # The shared expert's rows equal each token run alone (no row leaks into its neighbour).
+    h1 = _kernel(x[5:6], experts[5:6], w_gate_up, w_down)
+    assert rel_err(h[5], h1[0]) < TOL[jnp.float32]
+
+
+def test_bf16_weights_fp32_activations_and_default_blocks():
+    """Weights stored in bf16 are cast to x's dtype; default blocks capped to small D and F."""
+    args = moe_inputs(3, 2, 8, 64, 32, jnp.float32, seed=4, w_dtype=jnp.bfloat16)
+    h = _kernel(*args, blocks=MoEBlocks())
+    assert rel_err(h, run(moe_experts_decode_ref, *args)) < TOL[jnp.float32]
+
+
+def test_matches_model_gather_formula():
+    """Within bf16 rounding of the XLA gather path of the model (qnext_jax.ops._expert_gather:
+    gate_up rounded to bf16 before SwiGLU), which this kernel replaces."""
+    x, experts, w_gate_up, w_down = moe_inputs(4, 3, 8, 64, 32, jnp.bfloat16, seed=5)
+    gu = jnp.einsum("nd,nkdf->nkf", x, w_gate_up[experts])
+    gate, up = jnp.split(gu, 2, axis=-1)
+    want = jnp.einsum("nkf,nkfd->nkd", jax.nn.silu(gate) * up, w_down[experts])
+    assert rel_err(_kernel(x, experts, w_gate_up, w_down), want) < TOL[jnp.bfloat16]
+
+
+def test_contract_violations_raise():
+    x, experts, w_gate_up, w_down = moe_inputs(2, 2, 8, 64, 32, jnp.float32)
+    kw = dict(interpret=INTERPRET)
+    with pytest.raises(ValueError, match="x must have rank 2"):
+        moe_experts_decode(x[0], experts, w_gate_up, w_down, **kw)
+    with pytest.raises(ValueError, match="experts must be"):  # N mismatch
+        moe_experts_decode(x, experts[:1], w_gate_up, w_down, **kw)
+    with pytest.raises(ValueError, match="w_gate_up must be"):  # D mismatch
+        moe_experts_decode(x[:, :32], experts, w_gate_up, w_down, **kw)
+    with pytest.raises(ValueError, match="w_down must be"):
+        moe_experts_decode(x, experts, w_gate_up, w_down[:, :16], **kw)
+    with pytest.raises(ValueError, match="integer"):
+        moe_experts_decode(x, experts.astype(jnp.float32), w_gate_up, w_down, **kw)
+    with pytest.raises(ValueError, match="N <= 64"):
+        big = jnp.zeros((65, 64), x.dtype)
+        moe_experts_decode(big, jnp.zeros((65, 2), jnp.int32), w_gate_up, w_down, **kw)
+    with pytest.raises(ValueError, match="power of 2"):
+        moe_experts_decode(x, experts, w_gate_up, w_down, blocks=MoEBlocks(block_f=24), **kw)
+    with pytest.raises(ValueError, match="multiple of 16"):  # F = 40: largest block is 8
+        w_gu, w_d = jnp.zeros((8, 64, 80), x.dtype), jnp.zeros((8, 40, 64), x.dtype)
+        moe_experts_decode(x, experts, w_gu, w_d, **kw)
