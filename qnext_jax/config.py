@@ -305,7 +305,7 @@ class RuntimeOptions:
     dtype: str = "bfloat16"  # parameter and activation dtype
     gdn_impl: Literal["auto", "pallas", "chunked", "recurrent"] = "auto"
     attention_impl: Literal["auto", "cudnn", "xla"] = "auto"
-    moe_impl: Literal["auto", "ragged", "dense"] = "auto"
+    moe_impl: Literal["auto", "pallas", "gather", "grouped", "ragged", "dense"] = "auto"
     chunk_size: int = 64
     scan_layers: bool = True
     mesh: Any = None  # jax.sharding.Mesh for tensor / expert parallelism (qnext_jax.sharding)

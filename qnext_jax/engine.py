@@ -92,7 +92,7 @@ class Engine:
         eos_ids: list[int],
         detokenize=None,
         defaults: dict | None = None,
-        place_cache=None,
+        mesh=None,
     ):
         self.model_cfg = model.config
         self.cfg = cfg
@@ -102,9 +102,15 @@ class Engine:
         self.defaults = defaults or {}  # generation_config.json: fills unset sampling fields
         self.graphdef, self.params = nnx.split(model)
         B = cfg.max_num_seqs
-        self.cache = model.init_cache(B, cfg.max_model_len, state_dtype=jnp.dtype(cfg.state_dtype))
-        if place_cache is not None:  # e.g. split KV / GDN state over a mesh with their heads
-            self.cache = place_cache(self.cache)
+        state_dtype = jnp.dtype(cfg.state_dtype)
+        if mesh is not None and mesh.size > 1:  # KV / GDN state split with their heads
+            from qnext_jax import sharding
+
+            self.cache = sharding.init_cache(
+                model, B, cfg.max_model_len, mesh=mesh, state_dtype=state_dtype
+            )
+        else:
+            self.cache = model.init_cache(B, cfg.max_model_len, state_dtype=state_dtype)
         self.k = cfg.num_speculative_tokens
         if self.k and model.mtp is None:
             raise ValueError(

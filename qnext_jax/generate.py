@@ -59,6 +59,12 @@ def parse_args(argv=None):
         help='JSON, e.g. \'{"method":"qwen3_next_mtp","num_speculative_tokens":2}\'',
     )
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
+    ap.add_argument(
+        "--load-format",
+        default="auto",
+        choices=["auto", "dummy"],
+        help="dummy: random weights of the --model config's geometry (benchmarks)",
+    )
     return ap.parse_args(argv)
 
 
@@ -81,6 +87,7 @@ def main(argv=None) -> int:
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
             tensor_parallel_size=args.tensor_parallel_size,
+            load_format=args.load_format,
             speculative_config=args.speculative_config,
         )
     except (ValueError, FileNotFoundError, MemoryError) as e:

@@ -13,10 +13,12 @@ from qnext_jax.config import RopeScaling
 
 
 def _init(rngs: nnx.Rngs | None, shape, dtype, std: float = 0.02):
-    """Normal init when rngs are given; zeros otherwise (weights will be loaded)."""
+    """Normal init when rngs are given; zeros otherwise (weights will be loaded). Drawn in the
+    parameter dtype: an fp32 draw of the 80B model's stacked experts would need twice their
+    memory as a temporary."""
     if rngs is None:
         return jnp.zeros(shape, dtype)
-    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return std * jax.random.normal(rngs.params(), shape, dtype)
 
 
 class Linear(nnx.Module):

@@ -107,7 +107,9 @@ class RequestOutput:
 class LLM:
     """A model, its tokenizer and a generation engine.
 
-    model: an HF directory, a converted directory, or None for the embedded default."""
+    model: an HF directory, a converted directory, or None for the embedded default.
+    load_format: "auto" (the directory's weights) or "dummy" (random weights of the geometry in
+    its config.json, drawn directly into their shards: for benchmarks)."""
 
     def __init__(
         self,
@@ -125,29 +127,33 @@ class LLM:
         gpu_memory_utilization: float = 0.9,
         allow_long_max_model_len: bool | None = None,
         options: RuntimeOptions | None = None,
+        load_format: str = "auto",
     ):
         from transformers import AutoTokenizer
 
-        from qnext_jax.loading import from_pretrained
+        from qnext_jax.loading import from_pretrained, model_config
 
         self.model_path = Path(model) if model is not None else default_model_dir()
         if dtype == "auto":
             dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
         num_spec = parse_speculative_config(speculative_config)
         options = options or RuntimeOptions()
-        shardings_fn = place_cache = None
+        shardings_fn = mesh = None
         if tensor_parallel_size != 1:
-            from qnext_convert import model_config
-
             from qnext_jax import sharding
 
-            cfg = model_config(self.model_path)
+            cfg = model_config(self.model_path, load_format)
             mesh = sharding.make_mesh(cfg, tensor_parallel_size)
             options = dataclasses.replace(options, mesh=mesh)
             shardings_fn = functools.partial(sharding.param_shardings, mesh=mesh, cfg=cfg)
-            place_cache = functools.partial(sharding.shard_cache, mesh=mesh, cfg=cfg)
         self.model = from_pretrained(
-            self.model_path, dtype, options=options, shardings_fn=shardings_fn, progress=False
+            self.model_path,
+            dtype,
+            options=options,
+            shardings_fn=shardings_fn,
+            progress=False,
+            load_format=load_format,
+            seed=seed,
         )
         self.tokenizer = AutoTokenizer.from_pretrained(
             tokenizer or self.model_path, local_files_only=True
@@ -185,7 +191,7 @@ class LLM:
             eos_ids=self.eos_ids,
             detokenize=self._detokenize,
             defaults=self.generation_config,
-            place_cache=place_cache,
+            mesh=mesh,
         )
 
     # ---- tokenizer helpers -----------------------------------------------------------------

@@ -48,16 +48,21 @@ class DecoderLayer(nnx.Module):
             self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, rope, positions, cache, slots=None, collect_states=False):
+        # named scopes label the compiled ops by block (benchmarks/profile_step.py reads them)
         h = self.input_layernorm(x)
         states = None
         if self.layer_type == LINEAR:
-            out = self.linear_attn(h, positions, cache, slots, return_all_states=collect_states)
+            with jax.named_scope("gdn"):
+                out = self.linear_attn(h, positions, cache, slots, return_all_states=collect_states)
             h, cache = out[0], out[1]
             states = out[2] if collect_states else None
         else:
-            h, cache = self.self_attn(h, *rope, positions, cache, slots)
+            with jax.named_scope("attention"):
+                h, cache = self.self_attn(h, *rope, positions, cache, slots)
         x = constrain(x + h, RESIDUAL, self.mesh)  # residual adds in the activation dtype
-        x = constrain(x + self.mlp(self.post_attention_layernorm(x)), RESIDUAL, self.mesh)
+        with jax.named_scope("moe" if isinstance(self.mlp, SparseMoE) else "mlp"):
+            h = self.mlp(self.post_attention_layernorm(x))
+        x = constrain(x + h, RESIDUAL, self.mesh)
         return x, cache, states
 
 
@@ -194,7 +199,8 @@ class Qwen3NextForCausalLM(nnx.Module):
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., D] (post-norm) -> logits [..., vocab] in the activation dtype."""
         w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head.w[...]
-        return jnp.dot(hidden, w.astype(hidden.dtype))
+        with jax.named_scope("lm_head"):
+            return jnp.dot(hidden, w.astype(hidden.dtype))
 
     def init_cache(self, batch: int, max_len: int, *, kv_dtype=None, state_dtype=jnp.float32):
         """The hybrid cache: per segment, per pattern position, stacked over repeats."""
@@ -252,9 +258,10 @@ class Qwen3NextForCausalLM(nnx.Module):
         if self.mtp is None:
             raise ValueError("this checkpoint has no MTP layers (config.num_mtp_layers == 0)")
         mtp_cache = None if cache is None else cache["mtp"]
-        h, mtp_cache = self.mtp(
-            self.embed(next_ids), hidden, self.rope(positions), positions, mtp_cache, slots
-        )
+        with jax.named_scope("mtp"):
+            h, mtp_cache = self.mtp(
+                self.embed(next_ids), hidden, self.rope(positions), positions, mtp_cache, slots
+            )
         if cache is not None:
             cache = {"layers": cache["layers"], "mtp": mtp_cache}
         return h, cache

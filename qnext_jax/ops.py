@@ -132,6 +132,9 @@ def attention(q, k, v, q_pos, k_pos, *, scale: float, impl: str = "auto"):
 
 
 # ---- routed experts ------------------------------------------------------------------------
+MOE_IMPLS = ("gather", "ragged", "dense", "grouped", "pallas")
+
+
 def moe_experts(x, weights, experts, w_gate_up, w_down, *, impl: str = "auto", mesh=None):
     """sum_j weights[n, j] * Expert_{experts[n, j]}(x[n]).
 
@@ -141,16 +144,21 @@ def moe_experts(x, weights, experts, w_gate_up, w_down, *, impl: str = "auto", m
     tokens routed to them and the partial sums are combined by one psum (sharding.expert_parallel
     says why psum rather than all-to-all)."""
     N, k = experts.shape
+    decode_kernel = _kernel("pallas_kernels.moe", "moe_experts_decode")
+    max_tokens = _kernel("pallas_kernels.moe", "MAX_TOKENS") or 0
     if impl == "auto":
-        # GPU: lax.ragged_dot falls back to a dense matmul over all groups there, so large
-        # batches use the capacity-padded grouped path; small ones read only touched experts.
+        # GPU: decode batches (N <= 64 tokens) go through the grouped Pallas GEMV, which reads
+        # each touched expert once; lax.ragged_dot falls back to a dense matmul over all groups
+        # there, so larger batches use the capacity-padded grouped matmul.
         if on_gpu():
-            impl = "gather" if N * k <= 512 else "grouped"
+            impl = "pallas" if decode_kernel is not None and N <= max_tokens else "grouped"
         else:
             impl = "gather" if N * k <= 64 else "ragged"
-    if impl not in ("gather", "ragged", "dense", "grouped"):
+    if impl not in MOE_IMPLS:
+        raise ValueError(f"moe_impl={impl!r}; allowed: 'auto', " + ", ".join(map(repr, MOE_IMPLS)))
+    if impl == "pallas" and (decode_kernel is None or N > max_tokens):
         raise ValueError(
-            f"moe_impl={impl!r}; allowed: 'auto', 'gather', 'ragged', 'dense', 'grouped'"
+            f"moe_impl='pallas' is the decode kernel: at most {max_tokens} tokens per call, got {N}"
         )
     routed = functools.partial(_routed_experts, impl=impl)
     if sharding.expert_parallel_size(mesh) > 1:
@@ -164,7 +172,10 @@ def _routed_experts(x, weights, experts, w_gate_up, w_down, *, impl):
     """fp32 [N,D]; ids outside [0, E) (experts held by another device) contribute nothing."""
     E = w_gate_up.shape[0]
     here = (experts >= 0) & (experts < E)  # [N,k]
-    if impl in ("ragged", "grouped"):
+    if impl == "pallas":  # ids outside [0, E) give zero rows inside the kernel
+        kernel = _kernel("pallas_kernels.moe", "moe_experts_decode")
+        h = kernel(x, experts, w_gate_up, w_down, interpret=not on_gpu())
+    elif impl in ("ragged", "grouped"):
         grouped = _expert_ragged if impl == "ragged" else _expert_grouped
         h = grouped(x, jnp.where(here, experts, E), w_gate_up, w_down)  # E: sorted last
     else:

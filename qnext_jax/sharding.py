@@ -205,7 +205,7 @@ def cache_shardings(cache, *, mesh: Mesh, cfg: Qwen3NextConfig | None = None):
 
 
 def shard_cache(cache, *, mesh: Mesh, cfg: Qwen3NextConfig | None = None):
-    """Place the KV / GDN caches split with their heads (what Engine's place_cache calls)."""
+    """Place an existing KV / GDN cache split with its heads (`init_cache` builds one split)."""
     return place(cache, cache_shardings(cache, mesh=mesh, cfg=cfg))
 
 

@@ -48,6 +48,12 @@ def parse_args(argv=None):
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
+    ap.add_argument(
+        "--load-format",
+        default="auto",
+        choices=["auto", "dummy"],
+        help="dummy: random weights of the --model config's geometry (benchmarks)",
+    )
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--decode-block", type=int, default=16, help="decode steps per device call")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -69,6 +75,7 @@ def main(argv=None) -> int:
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
             tensor_parallel_size=args.tensor_parallel_size,
+            load_format=args.load_format,
             speculative_config=args.speculative_config,
             seed=args.seed,
             gpu_memory_utilization=args.gpu_memory_utilization,

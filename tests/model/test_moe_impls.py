@@ -14,7 +14,7 @@ from qnext_jax import ops
 @pytest.fixture(scope="module")
 def moe_inputs():
     rng = np.random.default_rng(0)
-    N, k, E, D, F = 37, 3, 8, 16, 12
+    N, k, E, D, F = 37, 3, 8, 32, 16  # D, F multiples of 16: the Pallas path's smallest block
     x = jnp.asarray(rng.standard_normal((N, D)), jnp.float32)
     experts = jnp.asarray(rng.integers(0, E, (N, k)), jnp.int32)
     weights = jax.nn.softmax(jnp.asarray(rng.standard_normal((N, k)), jnp.float32), -1)
@@ -23,7 +23,7 @@ def moe_inputs():
     return x, weights, experts, gate_up, down
 
 
-@pytest.mark.parametrize("impl", ["gather", "ragged", "grouped"])
+@pytest.mark.parametrize("impl", ["gather", "ragged", "grouped", "pallas"])
 def test_expert_paths_equal_dense(moe_inputs, impl):
     ref = ops.moe_experts(*moe_inputs, impl="dense")
     np.testing.assert_allclose(ops.moe_experts(*moe_inputs, impl=impl), ref, rtol=1e-5, atol=1e-6)
@@ -43,3 +43,12 @@ def test_grouped_takes_extra_passes_and_skips_foreign_experts(moe_inputs):
 def test_unknown_impl_is_rejected(moe_inputs):
     with pytest.raises(ValueError, match="moe_impl='fast'"):
         ops.moe_experts(*moe_inputs, impl="fast")
+
+
+def test_pallas_decode_path_is_bounded(moe_inputs):
+    x, weights, experts, gate_up, down = moe_inputs
+    many = jnp.tile(x, (2, 1))  # 74 tokens: above the decode kernel's 64
+    with pytest.raises(ValueError, match="at most 64 tokens"):
+        ops.moe_experts(
+            many, jnp.tile(weights, (2, 1)), jnp.tile(experts, (2, 1)), gate_up, down, impl="pallas"
+        )

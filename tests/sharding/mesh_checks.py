@@ -57,7 +57,7 @@ def test_sharded_forward_equals_unsharded(tp, ep):
     assert np.max(np.abs(got - want)) / np.max(np.abs(want)) <= 1e-5
 
 
-@pytest.mark.parametrize("impl", ["gather", "ragged", "dense", "grouped"])
+@pytest.mark.parametrize("impl", ["gather", "ragged", "dense", "grouped", "pallas"])
 def test_expert_parallel_moe_equals_unsharded(impl):
     """Every expert path inside the expert-parallel shard_map (the forward tests hit only the
     decode-size gather path), on 8 devices with 2 experts each and a (4, 2) mesh."""
@@ -67,7 +67,8 @@ def test_expert_parallel_moe_equals_unsharded(impl):
     ks = jax.random.split(jax.random.key(4), 4)
     x = jax.random.normal(ks[0], (40, 16))
     weights, experts = route(jax.random.normal(ks[1], (40, 16)), 3, True)
-    gu, down = jax.random.normal(ks[2], (16, 16, 24)), jax.random.normal(ks[3], (16, 12, 16))
+    # F = 16: the Pallas path's smallest block
+    gu, down = jax.random.normal(ks[2], (16, 16, 32)), jax.random.normal(ks[3], (16, 16, 16))
     want = ops.moe_experts(x, weights, experts, gu, down, impl=impl)
     for ep in (8, 4):
         mesh = sharding.make_mesh(CFG, 8, ep)
@@ -174,12 +175,12 @@ def test_greedy_generation_identical():
     prompts = [[5, 9, 2, 7, 1], [3, 3, 8, 100, 42, 17, 6, 250, 11]]
     params = SamplingParams(max_tokens=12, temperature=0.0)
 
-    def generate(model, place_cache=None):
+    def generate(model, mesh=None):
         engine = Engine(
             model,
             EngineConfig(max_num_seqs=2, max_model_len=32, prefill_chunk=16, decode_block=8),
             eos_ids=[],
-            place_cache=place_cache,
+            mesh=mesh,
         )
         reqs = [engine.add_request(p, params) for p in prompts]
         while engine.has_work():
@@ -188,7 +189,7 @@ def test_greedy_generation_identical():
 
     want, _ = generate(build())
     mesh = sharding.make_mesh(CFG, 4)
-    got, engine = generate(build(mesh), functools.partial(sharding.shard_cache, mesh=mesh, cfg=CFG))
+    got, engine = generate(build(mesh), mesh)
     assert got == want
     assert all(len(o) == 12 for o in got)
     # the cache stays split after prefill and decode (donated and returned with its sharding)

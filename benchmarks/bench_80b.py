@@ -1,0 +1,352 @@
+"""The Qwen3-Next-80B-A3B geometry with random bf16 weights, created directly sharded over
+`--tp` GPUs: decode step time (batch 1 / 8 / 64), prefill time, compile times, memory per GPU and
+a per-component breakdown of the decode step from a profile (collectives included).
+
+  python benchmarks/bench_80b.py --tp 2                       # full 48 layers on 2 GPUs
+  python benchmarks/bench_80b.py --tp 1 --layers 12           # a depth slice on one GPU
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/bench_80b.py --dry-run
+
+Decode: the engine's jitted on-device loop, `engine.step(block=N)` wall time / N (one host
+readback per block), median of --reps blocks after a warm-up block. Prefill: the engine's
+admission of one request (chunked prefill of prompt[:-1] + slot setup), blocked on the cache,
+median of 3 after a compiling call. Floors: bytes a decode step must read / (tp x 4.3 TB/s);
+prefill matmul FLOPs / (tp x 790 TFLOP/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from common import (  # noqa: E402
+    decode_bytes,
+    device_memory,
+    floor_seconds,
+    prefill_flops,
+    profile_breakdown,
+)
+from flax import nnx  # noqa: E402
+
+from qnext_jax import sharding  # noqa: E402
+from qnext_jax.config import (  # noqa: E402
+    QWEN3_NEXT_80B_A3B,
+    RuntimeOptions,
+    default_layer_types,
+    tiny_config,
+)
+from qnext_jax.engine import Engine, EngineConfig  # noqa: E402
+from qnext_jax.loading import init_random  # noqa: E402
+from qnext_jax.sampling import SamplingParams  # noqa: E402
+
+PEAK_FLOPS = 790e12  # bf16 dense, measured on the H200 (8192^3 matmul)
+ROWS: list[dict] = []
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def record(**row) -> dict:
+    ROWS.append(row)
+    log(json.dumps({k: v for k, v in row.items() if k != "top"}, default=str))
+    return row
+
+
+def build_model(cfg, tp: int, moe_impl: str):
+    mesh = sharding.make_mesh(cfg, tp) if tp > 1 else None
+    opts = RuntimeOptions(dtype="bfloat16", mesh=mesh, moe_impl=moe_impl)
+    shardings_fn = functools.partial(sharding.param_shardings, mesh=mesh, cfg=cfg) if mesh else None
+    t = time.perf_counter()
+    model = init_random(cfg, opts, shardings_fn=shardings_fn)
+    jax.block_until_ready(nnx.state(model))
+    n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    log(f"random init: {n / 1e9:.2f} B parameters in {time.perf_counter() - t:.1f} s")
+    return model, mesh
+
+
+def with_moe_impl(model, moe_impl: str):
+    """The same parameters under another MoE implementation (a static option)."""
+    cfg = model.config
+    opts = dataclasses.replace(model.opts, moe_impl=moe_impl)
+    graphdef = nnx.split(nnx.eval_shape(lambda: type(model)(cfg, opts)))[0]
+    return nnx.merge(graphdef, nnx.state(model))
+
+
+def make_engine(model, mesh, batch: int, max_len: int, block: int, chunk: int):
+    cfg = EngineConfig(
+        max_num_seqs=batch, max_model_len=max_len, decode_block=block, prefill_chunk=chunk
+    )
+    return Engine(model, cfg, eos_ids=[], mesh=mesh)
+
+
+def admit(engine, prompts, max_tokens: int):
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    reqs = [engine.add_request(p, params) for p in prompts]
+    engine._admit_waiting()
+    jax.block_until_ready(engine.cache)
+    return reqs
+
+
+def decode_case(model, mesh, tp, batch, context, block, reps, profile, vocab, tag=""):
+    rng = np.random.default_rng(0)
+    steps = block * (reps + 2)
+    engine = make_engine(model, mesh, batch, context + steps + 8, block, min(context, 8192))
+    prompts = [list(map(int, rng.integers(0, vocab, context))) for _ in range(batch)]
+    t = time.perf_counter()
+    admit(engine, prompts, steps)
+    prefill_s = time.perf_counter() - t
+    t = time.perf_counter()
+    engine.step(block=block)
+    first_block = time.perf_counter() - t
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        engine.step(block=block)
+        times.append(time.perf_counter() - t)
+    step = statistics.median(times) / block
+    cfg = model.config
+    floor = floor_seconds(cfg, batch, context, devices=tp)
+    row = dict(
+        case=f"decode B={batch} ctx={context}{tag}",
+        ours_ms=step * 1e3,
+        floor_ms=floor * 1e3,
+        ratio=step / floor,
+        tok_s=batch / step,
+        decode_compile_s=first_block - step * block,
+        prefill_with_compile_s=prefill_s,
+        memory=device_memory(),
+    )
+    if profile:
+        try:
+            row["profile"] = profile_decode(engine, block)
+        except Exception as e:  # the timing stands without it
+            row["profile_error"] = repr(e)[:300]
+    record(**row)
+    del engine
+
+
+def profile_decode(engine, block: int):
+    """Per-step kernel time by component on device 0, from one profiled block."""
+    args = (engine.params, engine.cache, engine.slots, block)
+    lowered = engine._decode.lower(*args, engine.cfg.decode_block)
+    hlo = lowered.compile().as_text()
+
+    def run():
+        engine.step(block=block)
+
+    out = profile_breakdown(run, hlo, steps=block)
+    out["all_reduce_ops"] = hlo.count(" all-reduce(") + hlo.count(" all-reduce-start(")
+    return out
+
+
+def prefill_case(model, mesh, tp, tokens: int, chunk: int, vocab: int, reps: int = 3):
+    rng = np.random.default_rng(1)
+    engine = make_engine(model, mesh, 1, tokens + 16, 1, chunk)
+    prompt = list(map(int, rng.integers(0, vocab, tokens + 1)))  # prefill covers prompt[:-1]
+    times = []
+    for i in range(reps + 1):
+        t = time.perf_counter()
+        (req,) = admit(engine, [prompt], 1)
+        times.append(time.perf_counter() - t)
+        engine.abort(req.request_id)
+    steady = statistics.median(times[1:])
+    flops = prefill_flops(model.config, tokens)
+    floor = flops / (PEAK_FLOPS * tp)
+    record(
+        case=f"prefill {tokens} (chunk {chunk})",
+        ours_ms=steady * 1e3,
+        floor_ms=floor * 1e3,
+        ratio=steady / floor,
+        tok_s=tokens / steady,
+        prefill_compile_s=times[0] - steady,
+        memory=device_memory(),
+    )
+    del engine
+
+
+def long_prompt_case(model, mesh, tokens: int, chunk: int, vocab: int):
+    """One prompt of `tokens` (chunked prefill): TTFT (compile excluded by a warm-up chunk on a
+    short prompt first) and peak memory."""
+    rng = np.random.default_rng(2)
+    engine = make_engine(model, mesh, 1, tokens + 16, 1, chunk)
+    (warm,) = admit(engine, [list(map(int, rng.integers(0, vocab, chunk + 1)))], 1)
+    engine.abort(warm.request_id)
+    t = time.perf_counter()
+    (req,) = admit(engine, [list(map(int, rng.integers(0, vocab, tokens)))], 1)
+    engine.step(block=1)
+    ttft = time.perf_counter() - t
+    record(
+        case=f"long prompt {tokens} (chunk {chunk})",
+        ttft_s=ttft,
+        tok_s=tokens / ttft,
+        first_token=req.output_ids[:1],
+        memory=device_memory(),
+    )
+    del engine
+
+
+def print_table(meta: dict) -> None:
+    log("\n" + " | ".join(f"{k}={v}" for k, v in meta.items()))
+    log("| case | ours ms | floor ms | ours/floor | tok/s | compile s | peak GiB/GPU |")
+    log("|---|---|---|---|---|---|---|")
+    for r in ROWS:
+        if "error" in r:
+            log(f"| {r['case']} | error: {r['error'][:150]} |")
+            continue
+        if "ours_ms" not in r and "ttft_s" not in r:
+            continue
+        comp = r.get("decode_compile_s", r.get("prefill_compile_s"))
+        peak = max((m["peak_gib"] for m in r.get("memory", [])), default=0)
+
+        def f(key, fmt="{:.3f}", r=r):
+            return fmt.format(r[key]) if r.get(key) is not None else "-"
+
+        ours = f("ours_ms") if "ours_ms" in r else f"TTFT {r['ttft_s']:.2f} s"
+        log(
+            f"| {r['case']} | {ours} | {f('floor_ms')} | {f('ratio', '{:.2f}')} | "
+            f"{f('tok_s', '{:.0f}')} | {'-' if comp is None else f'{comp:.1f}'} | {peak:.1f} |"
+        )
+    for r in ROWS:
+        p = r.get("profile")
+        if not p:
+            continue
+        log(f"\nbreakdown {r['case']} (us per step on GPU 0, {p['kernels']:.0f} kernels/step):")
+        comps = sorted(
+            (k for k in p if k not in ("busy", "span", "kernels", "top", "all_reduce_ops")),
+            key=lambda k: -p[k],
+        )
+        log(" | ".join(f"{k} {p[k]:.0f}" for k in comps))
+        log(
+            f"busy {p['busy']:.0f} us, span {p['span']:.0f} us, step {r['ours_ms'] * 1e3:.0f} us, "
+            f"all-reduce ops in the step program {p['all_reduce_ops']}"
+        )
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=48)
+    ap.add_argument("--batch", type=int, nargs="*", default=[1, 8, 64])
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--long-context", type=int, default=32768, help="decode at this context too")
+    ap.add_argument("--long-batch", type=int, nargs="*", default=[1, 8])
+    ap.add_argument("--prefill", type=int, nargs="*", default=[1024, 8192, 32768])
+    ap.add_argument("--prefill-chunk", type=int, default=8192)
+    ap.add_argument("--long-prompt", type=int, default=0, help="e.g. 262144 (chunked prefill)")
+    ap.add_argument("--long-prompt-chunk", type=int, default=2048)
+    ap.add_argument("--profile-batch", type=int, nargs="*", default=[1, 64])
+    ap.add_argument("--moe-impl", nargs="+", default=["auto"], help="decode cases per impl")
+    ap.add_argument("--block", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--dry-run", action="store_true", help="tiny config: checks the script")
+    args = ap.parse_args()
+
+    if args.dry_run:
+        cfg = tiny_config(
+            vocab_size=512,
+            num_hidden_layers=args.layers,
+            layer_types=default_layer_types(args.layers, 4),
+        )
+    else:
+        cfg = QWEN3_NEXT_80B_A3B.replace(
+            num_hidden_layers=args.layers, layer_types=default_layer_types(args.layers, 4)
+        )
+    devs = jax.devices()
+    meta = dict(
+        jax=jax.__version__,
+        device=devs[0].device_kind,
+        tp=args.tp,
+        layers=args.layers,
+        date=time.strftime("%Y-%m-%d"),
+    )
+    log(json.dumps(meta))
+    log(
+        "decode bytes per step (B=1, ctx 1K, GB): "
+        + json.dumps({k: round(v / 1e9, 3) for k, v in decode_bytes(cfg, 1, 1024).items()})
+    )
+    model, mesh = build_model(cfg, args.tp, args.moe_impl[0])
+    weights = record(case="weights", memory=device_memory())
+    meta["weights_gib_per_gpu"] = round(max(m["in_use_gib"] for m in weights["memory"]), 2)
+
+    def guarded(fn, case, *a, **kw):
+        try:
+            fn(*a, **kw)
+        except Exception as e:
+            traceback.print_exc()
+            record(case=case, error=repr(e)[:300])
+
+    for impl in args.moe_impl:
+        m = model if impl == args.moe_impl[0] else with_moe_impl(model, impl)
+        tag = "" if len(args.moe_impl) == 1 else f" moe={impl}"
+        for b in args.batch:
+            guarded(
+                decode_case,
+                f"decode B={b}{tag}",
+                m,
+                mesh,
+                args.tp,
+                b,
+                args.context,
+                args.block,
+                args.reps,
+                b in args.profile_batch,
+                cfg.vocab_size,
+                tag,
+            )
+    for b in args.long_batch if args.long_context else []:
+        guarded(
+            decode_case,
+            f"decode B={b} ctx={args.long_context}",
+            model,
+            mesh,
+            args.tp,
+            b,
+            args.long_context,
+            args.block,
+            args.reps,
+            False,
+            cfg.vocab_size,
+        )
+    for n in args.prefill:
+        guarded(
+            prefill_case,
+            f"prefill {n}",
+            model,
+            mesh,
+            args.tp,
+            n,
+            min(args.prefill_chunk, n),
+            cfg.vocab_size,
+        )
+    if args.long_prompt:
+        guarded(
+            long_prompt_case,
+            f"long prompt {args.long_prompt}",
+            model,
+            mesh,
+            args.long_prompt,
+            args.long_prompt_chunk,
+            cfg.vocab_size,
+        )
+    print_table(meta)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"meta": meta, "rows": ROWS}, fh, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
