@@ -117,6 +117,7 @@ def decode_case(model, mesh, tp, batch, context, block, reps, profile, vocab, ta
         engine.step(block=block)
         times.append(time.perf_counter() - t)
     step = statistics.median(times) / block
+    traces = engine.compiles["decode", engine.cfg.decode_block]
     cfg = model.config
     floor = floor_seconds(cfg, batch, context, devices=tp)
     row = dict(
@@ -126,6 +127,7 @@ def decode_case(model, mesh, tp, batch, context, block, reps, profile, vocab, ta
         ratio=step / floor,
         tok_s=batch / step,
         decode_compile_s=first_block - step * block,
+        decode_traces=traces,  # 1 in steady state: a second trace means a recompile was timed
         prefill_with_compile_s=prefill_s,
         memory=device_memory(),
     )

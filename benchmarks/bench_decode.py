@@ -21,57 +21,24 @@ import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from common import floor_seconds  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from qnext_jax.config import FULL, QWEN3_NEXT_80B_A3B, RuntimeOptions, default_layer_types  # noqa: E402
+from qnext_jax.config import QWEN3_NEXT_80B_A3B, RuntimeOptions, default_layer_types  # noqa: E402
 from qnext_jax.engine import Engine, EngineConfig  # noqa: E402
 from qnext_jax.model import Qwen3NextForCausalLM  # noqa: E402
 from qnext_jax.sampling import SamplingParams  # noqa: E402
-
-HBM_BPS = 4.3e12
 
 
 def truncated_config(layers: int):
     return QWEN3_NEXT_80B_A3B.replace(
         num_hidden_layers=layers, layer_types=default_layer_types(layers, 4)
     )
-
-
-def floor_seconds(cfg, batch: int, context: int) -> float:
-    """Bytes a decode step reads (bf16 weights touched, KV, GDN state read + write) / HBM."""
-    D, E, F, k = (
-        cfg.hidden_size,
-        cfg.num_experts,
-        cfg.moe_intermediate_size,
-        cfg.num_experts_per_tok,
-    )
-    touched = E * (1 - (1 - k / E) ** batch)
-    expert = 3 * D * F * 2
-    shared = 3 * D * cfg.shared_expert_intermediate_size * 2 + D * 2 + D * E * 2
-    n_full = sum(t == FULL for t in cfg.layer_types)
-    n_lin = cfg.num_hidden_layers - n_full
-    attn = (
-        D * cfg.num_attention_heads * cfg.head_dim * 3
-        + 2 * D * cfg.num_key_value_heads * cfg.head_dim
-    ) * 2
-    gdn_w = (
-        D * (2 * cfg.linear_key_dim + 2 * cfg.linear_value_dim)
-        + D * 2 * cfg.linear_num_value_heads
-        + cfg.linear_value_dim * D
-    ) * 2
-    state = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4 * 2
-    kv = 2 * context * cfg.num_key_value_heads * cfg.head_dim * 2
-    total = (
-        cfg.num_hidden_layers * (touched * expert + shared)
-        + n_full * (attn + batch * kv)
-        + n_lin * (gdn_w + batch * state)
-        + cfg.vocab_size * D * 2
-    )
-    return total / HBM_BPS
 
 
 def time_engine(model, batch: int, context: int, k: int, block: int, reps: int):

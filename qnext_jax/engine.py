@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.sharding import NamedSharding, PartitionSpec
 
 from qnext_jax import speculative
 from qnext_jax.cache import CacheSlots, cache_bytes
@@ -122,10 +123,23 @@ class Engine:
         self.waiting: collections.deque[Request] = collections.deque()
         self._ids = itertools.count()
         self.compiles = collections.Counter()  # traces per jitted function (tests count these)
-        self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,))
-        self._admit = jax.jit(self._admit_impl, donate_argnums=(0,))
-        self._release = jax.jit(self._release_impl, donate_argnums=(0,))
-        self._decode = jax.jit(self._decode_impl, static_argnums=(4,), donate_argnums=(1, 2))
+        cache_out = slots_out = out = None
+        if mesh is not None and mesh.size > 1:
+            # Pin the state's placements: left to GSPMD, the cache and slots came back from the
+            # first call placed differently, and the second call compiled the step again.
+            out = NamedSharding(mesh, PartitionSpec())
+            self.slots = jax.device_put(self.slots, out)
+            cache_out = jax.tree.map(lambda a: a.sharding, self.cache)
+            slots_out = jax.tree.map(lambda a: a.sharding, self.slots)
+        self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,), out_shardings=cache_out)
+        self._admit = jax.jit(self._admit_impl, donate_argnums=(0,), out_shardings=slots_out)
+        self._release = jax.jit(self._release_impl, donate_argnums=(0,), out_shardings=slots_out)
+        self._decode = jax.jit(
+            self._decode_impl,
+            static_argnums=(4,),
+            donate_argnums=(1, 2),
+            out_shardings=None if out is None else (cache_out, slots_out, out),
+        )
 
     # ---- public ------------------------------------------------------------------------
     def add_request(

@@ -47,7 +47,7 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, rope, positions, cache, slots=None, collect_states=False):
+    def __call__(self, x, rope, positions, cache, slots=None, collect_states=False, layer=None):
         # named scopes label the compiled ops by block (benchmarks/profile_step.py reads them)
         h = self.input_layernorm(x)
         states = None
@@ -60,8 +60,13 @@ class DecoderLayer(nnx.Module):
             with jax.named_scope("attention"):
                 h, cache = self.self_attn(h, *rope, positions, cache, slots)
         x = constrain(x + h, RESIDUAL, self.mesh)  # residual adds in the activation dtype
-        with jax.named_scope("moe" if isinstance(self.mlp, SparseMoE) else "mlp"):
-            h = self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, SparseMoE):
+            with jax.named_scope("moe"):
+                h = self.mlp(h, layer=layer)
+        else:
+            with jax.named_scope("mlp"):
+                h = self.mlp(h)
         x = constrain(x + h, RESIDUAL, self.mesh)
         return x, cache, states
 
@@ -74,10 +79,10 @@ class LayerGroup(nnx.Module):
             [DecoderLayer(cfg, opts, k, dtype=dtype, rngs=rngs) for k in pattern]
         )
 
-    def __call__(self, x, rope, positions, caches, slots=None, collect_states=False):
+    def __call__(self, x, rope, positions, caches, slots=None, collect_states=False, layer=None):
         new_caches, states = [], []
-        for layer, cache in zip(self.layers, caches, strict=True):
-            x, cache, st = layer(x, rope, positions, cache, slots, collect_states)
+        for block, cache in zip(self.layers, caches, strict=True):
+            x, cache, st = block(x, rope, positions, cache, slots, collect_states, layer)
             new_caches.append(cache)
             states.append(st)
         return x, tuple(new_caches), tuple(states)
@@ -116,19 +121,32 @@ class LayerStack(nnx.Module):
 
     def __call__(self, x, rope, positions, caches, slots=None, collect_states=False):
         graphdef, params = nnx.split(self.group)
+        # The routed experts' stacks stay whole: each layer's kernel call gets the stack and
+        # the layer index. Sliced per layer, they would be copied every step (a slice cannot
+        # be a custom call's operand: on the 80B model that copied each layer's 1 GiB of local
+        # experts per decode step, ~55 ms of a 70 ms step on 2 H200s).
+        whole = nnx.filter_state(params, _expert_stack)
+        sliced = nnx.filter_state(params, lambda path, v: not _expert_stack(path, v))
 
         def body(h, xs):
-            p, c = xs
-            h, c, st = nnx.merge(graphdef, p)(h, rope, positions, c, slots, collect_states)
+            p, c, i = xs
+            group = nnx.merge(graphdef, p, whole)
+            h, c, st = group(h, rope, positions, c, slots, collect_states, layer=i)
             return h, (c, st)
 
+        layers = jnp.arange(self.repeats, dtype=jnp.int32)
         if self.scan and self.repeats > 1:
-            return _scan_out(jax.lax.scan(body, x, (params, caches)))
+            return _scan_out(jax.lax.scan(body, x, (sliced, caches, layers)))
         outs = []
         for i in range(self.repeats):
-            x, out = body(x, jax.tree.map(lambda a, i=i: a[i], (params, caches)))
+            x, out = body(x, jax.tree.map(lambda a, i=i: a[i], (sliced, caches, layers)))
             outs.append(out)
         return _scan_out((x, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)))
+
+
+def _expert_stack(path, _value) -> bool:
+    """The routed experts' weights (SparseMoE.gate_up / down) of a LayerStack."""
+    return path[-1] in ("gate_up", "down") and "mlp" in path
 
 
 def _scan_out(result):

@@ -34,7 +34,9 @@ class SparseMoE(nnx.Module):
         self.shared_expert_gate = Linear(D, 1, dtype=dtype, rngs=rngs)
         self.impl, self.mesh = opts.moe_impl, opts.mesh
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+        """x [..., D]. layer: set when gate_up / down hold the whole stack over layers
+        ([L, E, ...], inside LayerStack's scan) and picks this layer's experts."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
         weights, experts = route(self.gate(x), self.top_k, self.normalize)
@@ -46,6 +48,7 @@ class SparseMoE(nnx.Module):
             self.down[...],
             impl=self.impl,
             mesh=self.mesh,
+            layer=layer,
         )
         shared = self.shared_expert(x) * jax.nn.sigmoid(self.shared_expert_gate(x))
         return (routed + shared).reshape(shape)

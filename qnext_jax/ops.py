@@ -135,11 +135,16 @@ def attention(q, k, v, q_pos, k_pos, *, scale: float, impl: str = "auto"):
 MOE_IMPLS = ("gather", "ragged", "dense", "grouped", "pallas")
 
 
-def moe_experts(x, weights, experts, w_gate_up, w_down, *, impl: str = "auto", mesh=None):
+def moe_experts(
+    x, weights, experts, w_gate_up, w_down, *, impl: str = "auto", mesh=None, layer=None
+):
     """sum_j weights[n, j] * Expert_{experts[n, j]}(x[n]).
 
     x [N,D]; weights [N,k] fp32; experts [N,k] int32; w_gate_up [E,D,2F] (gate | up);
     w_down [E,F,D]. Returns [N,D] in x.dtype (products in x.dtype, sum over k in fp32).
+    With `layer` (an int32 scalar, traced inside a scan over layers) the weights are the whole
+    stacks [L,E,D,2F] / [L,E,F,D] and layer picks one: the Pallas kernel reads the stack in
+    place, the XLA paths index it.
     With a mesh whose expert axis is > 1, each device runs its own experts on the (replicated)
     tokens routed to them and the partial sums are combined by one psum (sharding.expert_parallel
     says why psum rather than all-to-all)."""
@@ -162,25 +167,32 @@ def moe_experts(x, weights, experts, w_gate_up, w_down, *, impl: str = "auto", m
         )
     routed = functools.partial(_routed_experts, impl=impl)
     if sharding.expert_parallel_size(mesh) > 1:
-        out = sharding.expert_parallel(routed, mesh, x, weights, experts, w_gate_up, w_down)
+        out = sharding.expert_parallel(
+            routed, mesh, x, weights, experts, w_gate_up, w_down, layer=layer
+        )
     else:
-        out = routed(x, weights, experts, w_gate_up, w_down)
+        out = routed(x, weights, experts, w_gate_up, w_down, layer)
     return out.astype(x.dtype)
 
 
-def _routed_experts(x, weights, experts, w_gate_up, w_down, *, impl):
+def _routed_experts(x, weights, experts, w_gate_up, w_down, layer=None, *, impl):
     """fp32 [N,D]; ids outside [0, E) (experts held by another device) contribute nothing."""
-    E = w_gate_up.shape[0]
+    E = w_gate_up.shape[-3]
     here = (experts >= 0) & (experts < E)  # [N,k]
-    if impl == "pallas":  # ids outside [0, E) give zero rows inside the kernel
+    if impl == "pallas":  # reads a stacked [L, E, ...] in place; foreign ids give zero rows
         kernel = _kernel("pallas_kernels.moe", "moe_experts_decode")
-        h = kernel(x, experts, w_gate_up, w_down, interpret=not on_gpu())
-    elif impl in ("ragged", "grouped"):
-        grouped = _expert_ragged if impl == "ragged" else _expert_grouped
-        h = grouped(x, jnp.where(here, experts, E), w_gate_up, w_down)  # E: sorted last
+        h = kernel(x, experts, w_gate_up, w_down, layer, interpret=not on_gpu())
     else:
-        clipped = jnp.clip(experts, 0, E - 1)
-        h = (_expert_gather if impl == "gather" else _expert_dense)(x, clipped, w_gate_up, w_down)
+        if layer is not None:
+            w_gate_up = jax.lax.dynamic_index_in_dim(w_gate_up, layer, 0, keepdims=False)
+            w_down = jax.lax.dynamic_index_in_dim(w_down, layer, 0, keepdims=False)
+        if impl in ("ragged", "grouped"):
+            grouped = _expert_ragged if impl == "ragged" else _expert_grouped
+            h = grouped(x, jnp.where(here, experts, E), w_gate_up, w_down)  # E: sorted last
+        else:
+            clipped = jnp.clip(experts, 0, E - 1)
+            expert = _expert_gather if impl == "gather" else _expert_dense
+            h = expert(x, clipped, w_gate_up, w_down)
     h = jnp.where(here[..., None], h.astype(jnp.float32), 0.0)  # [N,k,D]
     return jnp.einsum("nk,nkd->nd", jnp.where(here, weights, 0.0), h)
 

@@ -248,11 +248,12 @@ def expert_parallel_size(mesh: Mesh | None) -> int:
     return 1 if mesh is None else _mesh_size(mesh, RULES["experts"])
 
 
-def expert_parallel(local_fn, mesh: Mesh, x, weights, experts, w_gate_up, w_down):
+def expert_parallel(local_fn, mesh: Mesh, x, weights, experts, w_gate_up, w_down, layer=None):
     """Routed experts split over the expert axis, tokens replicated.
 
-    local_fn(x, weights, ids, w_gate_up_local, w_down_local) -> fp32 [N, D] must ignore ids
-    outside [0, E_local) (experts another device holds). Each device runs its E / EP experts on
+    local_fn(x, weights, ids, w_gate_up_local, w_down_local, layer) -> fp32 [N, D] must ignore
+    ids outside [0, E_local) (experts another device holds). With `layer` the weights are
+    stacked over layers ([L, E, ...], split on E) and layer picks one. Each device runs its E / EP experts on
     the tokens routed to them and the partial outputs are summed with one psum.
 
     Why replicated tokens + psum, not all-to-all: under tensor parallelism the residual stream
@@ -266,17 +267,23 @@ def expert_parallel(local_fn, mesh: Mesh, x, weights, experts, w_gate_up, w_down
     more devices than k, which this inference setting does not have.
     """
     axis = RULES["experts"]
-    w_spec = PartitionSpec(axis, None, None)
+    stacked = layer is not None
+    w_spec = PartitionSpec(*((None,) * stacked), axis, None, None)
 
-    def body(x, weights, experts, gu, down):
-        n_local = gu.shape[0]
+    def body(x, weights, experts, gu, down, layer):
+        n_local = gu.shape[-3]
         ids = experts - jax.lax.axis_index(axis) * n_local
         ids = jnp.where((ids >= 0) & (ids < n_local), ids, n_local)  # n_local: not here
-        return jax.lax.psum(local_fn(x, weights, ids, gu, down), axis)
+        return jax.lax.psum(local_fn(x, weights, ids, gu, down, layer if stacked else None), axis)
 
     rep = PartitionSpec()
+    layer = jnp.zeros((), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32)
     # check_vma off: local loops (the grouped path's fori_loop) start from unvarying zeros
     fn = jax.shard_map(
-        body, mesh=mesh, in_specs=(rep, rep, rep, w_spec, w_spec), out_specs=rep, check_vma=False
+        body,
+        mesh=mesh,
+        in_specs=(rep, rep, rep, w_spec, w_spec, rep),
+        out_specs=rep,
+        check_vma=False,
     )
-    return fn(x, weights, experts, w_gate_up, w_down)
+    return fn(x, weights, experts, w_gate_up, w_down, layer)

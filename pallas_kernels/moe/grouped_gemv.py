@@ -158,7 +158,14 @@ def _group_by_expert(x, experts, E: int, R: int):
 
 @functools.partial(jax.jit, static_argnames=("interpret", "blocks"))
 def moe_experts_decode(
-    x, experts, w_gate_up, w_down, *, interpret=False, blocks: MoEBlocks = MoEBlocks()
+    x,
+    experts,
+    w_gate_up,
+    w_down,
+    layer=None,
+    *,
+    interpret=False,
+    blocks: MoEBlocks = MoEBlocks(),
 ):
     """Routed experts of a few tokens, reading each touched expert's weights once.
 
@@ -168,12 +175,35 @@ def moe_experts_decode(
         row. The ids of one token must be distinct (top-k routing): an expert runs at most R
         rows, R = next power of two >= N.
       w_gate_up: [E, D, 2F] (gate | up); w_down: [E, F, D]; cast to x's dtype in the kernels.
+        Or stacked over layers, [L, E, D, 2F] and [L, E, F, D], with `layer` (an int32
+        scalar, may be traced) picking one: the kernels index the stack directly. Inside a
+        scan over layers this matters: a per-layer slice as a kernel operand is a copy
+        (XLA cannot hand a slice of a buffer to a custom call), i.e. every layer's local
+        experts, all of them, copied every step.
     Returns:
       h [N, k, D] fp32: (silu(x @ Wg) * (x @ Wu)) @ Wd per (token, slot), as
       `moe_experts_decode_ref` (products in x's dtype, fp32 sums, silu * up rounded to x's
       dtype). The caller applies the routing weights and sums over k.
     """
-    E, D, F = validate_moe_inputs(x, experts, w_gate_up, w_down)
+    stacked = w_gate_up.ndim == 4
+    if stacked != (layer is not None) or (stacked and w_down.ndim != 4):
+        raise ValueError(
+            "w_gate_up / w_down stacked over layers ([L, E, ...], got shapes "
+            f"{tuple(w_gate_up.shape)}, {tuple(w_down.shape)}) need `layer`, and only they do "
+            f"(layer={'given' if layer is not None else None})"
+        )
+    if stacked and w_gate_up.shape[0] != w_down.shape[0]:
+        raise ValueError(
+            f"w_gate_up {tuple(w_gate_up.shape)} and w_down {tuple(w_down.shape)} must stack "
+            "the same number of layers"
+        )
+    L = w_gate_up.shape[0] if stacked else 1
+    per_layer = [jax.ShapeDtypeStruct(w.shape[stacked:], w.dtype) for w in (w_gate_up, w_down)]
+    E, D, F = validate_moe_inputs(x, experts, *per_layer)
+    # one layer's experts are rows [layer * E, (layer + 1) * E) of the flattened stack (a
+    # reshape of leading dims: no copy)
+    w_gate_up = w_gate_up.reshape(L * E, D, 2 * F)
+    w_down = w_down.reshape(L * E, F, D)
     N, k = experts.shape
     if not 1 <= N <= MAX_TOKENS or k < 1:
         raise ValueError(
@@ -187,6 +217,9 @@ def moe_experts_decode(
     R = max(_MIN_ROWS, pl.next_power_of_2(N))
     M = N * k
     pos, slots, x_grouped = _group_by_expert(x, experts, E, R)
+    if stacked:
+        offset = jnp.clip(jnp.asarray(layer, jnp.int32), 0, L - 1) * E
+        slots = (slots[0] + offset, *slots[1:])
     U = slots[0].shape[0]
 
     whole = pl.BlockSpec()  # the whole array: the kernels index their expert and rows by hand

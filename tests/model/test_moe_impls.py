@@ -52,3 +52,54 @@ def test_pallas_decode_path_is_bounded(moe_inputs):
         ops.moe_experts(
             many, jnp.tile(weights, (2, 1)), jnp.tile(experts, (2, 1)), gate_up, down, impl="pallas"
         )
+
+
+def test_scanned_model_reads_expert_stacks_in_place():
+    """8 layers = 2 scanned repeats of [GDN x3, attention]: the routed experts stay whole
+    [L, E, ...] inside the scan and every path picks the layer by index; all equal the dense
+    reference (the Pallas kernel in interpret mode)."""
+    from flax import nnx
+
+    from qnext_jax.config import RuntimeOptions, tiny_config
+    from qnext_jax.model import Qwen3NextForCausalLM
+
+    cfg = tiny_config(num_hidden_layers=8)
+    ids = jax.random.randint(jax.random.key(0), (2, 5), 0, cfg.vocab_size)
+
+    def logits(impl):
+        opts = RuntimeOptions(dtype="float32", moe_impl=impl)
+        model = Qwen3NextForCausalLM(cfg, opts, rngs=nnx.Rngs(3))
+        stack = model.segments[0].group.layers[0].mlp.gate_up
+        assert stack.shape[0] == 2  # stacked over the 2 repeats
+        return np.asarray(model(ids))
+
+    want = logits("dense")
+    for impl in ("pallas", "gather", "grouped"):
+        np.testing.assert_allclose(logits(impl), want, rtol=1e-5, atol=1e-5)
+
+
+def test_scan_does_not_slice_expert_stacks():
+    """The scan over layers carries the routed experts' [L, E, D, 2F] / [L, E, F, D] stacks as
+    loop-invariant operands, never as per-layer slices (xs): a slice fed to the Pallas kernel
+    is a copy of every local expert per step (found on the 80B model: 55 ms per decode step)."""
+    from flax import nnx
+
+    from qnext_jax.config import RuntimeOptions, tiny_config
+    from qnext_jax.model import Qwen3NextForCausalLM
+
+    cfg = tiny_config(num_hidden_layers=8)
+    model = Qwen3NextForCausalLM(cfg, RuntimeOptions(dtype="float32"), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    jaxpr = jax.make_jaxpr(lambda s, ids: nnx.merge(graphdef, s)(ids))(
+        state, jnp.zeros((1, 4), jnp.int32)
+    )
+    E, D, F = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    stacks = {(2, E, D, 2 * F), (2, E, F, D)}
+    scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    assert scans
+    for eqn in scans:
+        n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+        consts = [v.aval.shape for v in eqn.invars[:n_consts]]
+        xs = [v.aval.shape for v in eqn.invars[n_consts + n_carry :]]
+        assert not stacks & set(xs), f"expert stacks sliced by the scan: {xs}"
+        assert stacks <= set(consts)

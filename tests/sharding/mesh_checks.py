@@ -86,7 +86,9 @@ def test_kernels_run_per_device_on_their_heads():
     ids, want = reference()
     mesh = sharding.make_mesh(CFG, 8)
     model = Qwen3NextForCausalLM(
-        CFG, dataclasses.replace(OPTS, mesh=mesh, gdn_impl="pallas"), rngs=nnx.Rngs(0)
+        CFG,
+        dataclasses.replace(OPTS, mesh=mesh, gdn_impl="pallas", moe_impl="pallas"),
+        rngs=nnx.Rngs(0),
     )
     got = logits(sharding.shard_params(model, mesh=mesh, cfg=CFG), ids)
     assert np.max(np.abs(got - want)) / np.max(np.abs(want)) <= 1e-5
@@ -192,6 +194,8 @@ def test_greedy_generation_identical():
     got, engine = generate(build(mesh), mesh)
     assert got == want
     assert all(len(o) == 12 for o in got)
+    # the state's placements are pinned: the second decode block reuses the first's program
+    assert engine.compiles["decode", 8] == 1
     # the cache stays split after prefill and decode (donated and returned with its sharding)
     state = engine.cache["layers"][0][0].state
     assert state.sharding.is_equivalent_to(NamedSharding(mesh, P(None, None, T, None, None)), 5)
