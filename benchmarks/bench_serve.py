@@ -6,6 +6,8 @@ with `vllm bench serve`'s metrics (TTFT, TPOT, ITL p50/p99, output tok/s); then 
   python benchmarks/bench_serve.py --tp 2 --layers 48 --concurrency 1 8 64
   python benchmarks/bench_serve.py --dry-run          # tiny geometry on the CPU
 
+Set JAX_COMPILATION_CACHE_DIR so the engine-alone process reuses the server's compiled steps.
+
 The model folder is generated: config.json of the geometry and a word-level tokenizer with
 one word per id ("<17>"), so every generated id streams as text and prompts of exact token
 counts are easy. Prompts are random token ids; every request asks for exactly --output-len
@@ -268,8 +270,10 @@ def main():
     try:
         ready = wait_healthy(base, proc, timeout=900)
         print(f"server healthy after {ready:.1f} s", flush=True)
-        # warm-up: every admission width the load will use compiles here, not mid-measurement
-        for c in sorted(set(args.concurrency)):
+        # warm-up: every admission width (a power of two up to the largest concurrency) compiles
+        # here, not mid-measurement
+        widths = [1 << i for i in range(max(args.concurrency).bit_length())]
+        for c in widths:
             prompts = [list(map(int, rng.integers(1, vocab, args.input_len))) for _ in range(c)]
             asyncio.run(run_load(base, "bench", prompts, 4, c))
         print(f"warm-up done at {time.perf_counter() - t:.1f} s", flush=True)
