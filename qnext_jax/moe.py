@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qnext_jax import ops
+from qnext_jax import ops, sharding
 from qnext_jax.config import Qwen3NextConfig, RuntimeOptions
 from qnext_jax.layers import Linear, SwiGLU, _init
 
@@ -40,6 +40,9 @@ class SparseMoE(nnx.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
         weights, experts = route(self.gate(x), self.top_k, self.normalize)
+        scale = jax.nn.sigmoid(self.shared_expert_gate(x))  # [N, 1]
+        se = self.shared_expert
+        fold = sharding.shared_expert_joins_psum(self.mesh, se.gate_proj.w.shape[-1])
         routed = ops.moe_experts(
             x,
             weights,
@@ -49,6 +52,12 @@ class SparseMoE(nnx.Module):
             impl=self.impl,
             mesh=self.mesh,
             layer=layer,
+            # one collective per layer: the shared expert's partial sums join the experts' psum
+            shared=(se.gate_proj.w[...], se.up_proj.w[...], se.down_proj.w[...], scale)
+            if fold
+            else None,
         )
-        shared = self.shared_expert(x) * jax.nn.sigmoid(self.shared_expert_gate(x))
+        if fold:
+            return routed.reshape(shape)
+        shared = se(x) * scale
         return (routed + shared).reshape(shape)

@@ -136,7 +136,16 @@ MOE_IMPLS = ("gather", "ragged", "dense", "grouped", "pallas")
 
 
 def moe_experts(
-    x, weights, experts, w_gate_up, w_down, *, impl: str = "auto", mesh=None, layer=None
+    x,
+    weights,
+    experts,
+    w_gate_up,
+    w_down,
+    *,
+    impl: str = "auto",
+    mesh=None,
+    layer=None,
+    shared=None,
 ):
     """sum_j weights[n, j] * Expert_{experts[n, j]}(x[n]).
 
@@ -145,6 +154,8 @@ def moe_experts(
     With `layer` (an int32 scalar, traced inside a scan over layers) the weights are the whole
     stacks [L,E,D,2F] / [L,E,F,D] and layer picks one: the Pallas kernel reads the stack in
     place, the XLA paths index it.
+    shared: (w_gate, w_up, w_down, scale) of the shared expert, folded into the expert-parallel
+    psum (sharding.expert_parallel; only where sharding.shared_expert_joins_psum).
     With a mesh whose expert axis is > 1, each device runs its own experts on the (replicated)
     tokens routed to them and the partial sums are combined by one psum (sharding.expert_parallel
     says why psum rather than all-to-all)."""
@@ -166,9 +177,11 @@ def moe_experts(
             f"moe_impl='pallas' is the decode kernel: at most {max_tokens} tokens per call, got {N}"
         )
     routed = functools.partial(_routed_experts, impl=impl)
+    if shared is not None and not sharding.shared_expert_joins_psum(mesh, shared[0].shape[-1]):
+        raise ValueError("shared= is only for meshes where sharding.shared_expert_joins_psum")
     if sharding.expert_parallel_size(mesh) > 1:
         out = sharding.expert_parallel(
-            routed, mesh, x, weights, experts, w_gate_up, w_down, layer=layer
+            routed, mesh, x, weights, experts, w_gate_up, w_down, layer=layer, shared=shared
         )
     else:
         out = routed(x, weights, experts, w_gate_up, w_down, layer)

@@ -248,13 +248,28 @@ def expert_parallel_size(mesh: Mesh | None) -> int:
     return 1 if mesh is None else _mesh_size(mesh, RULES["experts"])
 
 
-def expert_parallel(local_fn, mesh: Mesh, x, weights, experts, w_gate_up, w_down, layer=None):
+def shared_expert_joins_psum(mesh: Mesh | None, ffw: int) -> bool:
+    """Whether the shared expert's partial sums can ride the routed experts' psum (one
+    collective per MoE layer instead of two): every device of the mesh is on the expert axis
+    (no tensor-axis replicas of an expert group, which would count it twice) and the shared
+    expert's ffw dim splits evenly over them (else it is replicated, not split)."""
+    if mesh is None or mesh.size == 1:
+        return False
+    return expert_parallel_size(mesh) == mesh.size and ffw % mesh.size == 0
+
+
+def expert_parallel(
+    local_fn, mesh: Mesh, x, weights, experts, w_gate_up, w_down, layer=None, shared=None
+):
     """Routed experts split over the expert axis, tokens replicated.
 
     local_fn(x, weights, ids, w_gate_up_local, w_down_local, layer) -> fp32 [N, D] must ignore
     ids outside [0, E_local) (experts another device holds). With `layer` the weights are
-    stacked over layers ([L, E, ...], split on E) and layer picks one. Each device runs its E / EP experts on
-    the tokens routed to them and the partial outputs are summed with one psum.
+    stacked over layers ([L, E, ...], split on E) and layer picks one. Each device runs its
+    E / EP experts on the tokens routed to them and the partial outputs are summed with one psum.
+    shared = (w_gate [D, Fs], w_up [D, Fs], w_down [Fs, D], scale [N, 1]): the shared expert,
+    split on Fs; each device adds scale * its partial SwiGLU to its routed partial sum before
+    the one psum (only where `shared_expert_joins_psum`).
 
     Why replicated tokens + psum, not all-to-all: under tensor parallelism the residual stream
     is already replicated on every device, so there is nothing to dispatch. Decode (1-64 tokens)
@@ -270,20 +285,24 @@ def expert_parallel(local_fn, mesh: Mesh, x, weights, experts, w_gate_up, w_down
     stacked = layer is not None
     w_spec = PartitionSpec(*((None,) * stacked), axis, None, None)
 
-    def body(x, weights, experts, gu, down, layer):
+    def body(x, weights, experts, gu, down, layer, *shared):
         n_local = gu.shape[-3]
         ids = experts - jax.lax.axis_index(axis) * n_local
         ids = jnp.where((ids >= 0) & (ids < n_local), ids, n_local)  # n_local: not here
-        return jax.lax.psum(local_fn(x, weights, ids, gu, down, layer if stacked else None), axis)
+        out = local_fn(x, weights, ids, gu, down, layer if stacked else None)
+        if shared:
+            w_gate, w_up, w_down, scale = shared
+            h = jax.nn.silu(x @ w_gate.astype(x.dtype)) * (x @ w_up.astype(x.dtype))
+            part = jnp.dot(h, w_down.astype(x.dtype), preferred_element_type=jnp.float32)
+            out = out + part * scale.astype(jnp.float32)
+        return jax.lax.psum(out, axis)
 
     rep = PartitionSpec()
     layer = jnp.zeros((), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32)
+    specs = (rep, rep, rep, w_spec, w_spec, rep)
+    if shared is not None:
+        ffw = RULES["ffw"]
+        specs += (PartitionSpec(None, ffw), PartitionSpec(None, ffw), PartitionSpec(ffw, None), rep)
     # check_vma off: local loops (the grouped path's fori_loop) start from unvarying zeros
-    fn = jax.shard_map(
-        body,
-        mesh=mesh,
-        in_specs=(rep, rep, rep, w_spec, w_spec, rep),
-        out_specs=rep,
-        check_vma=False,
-    )
-    return fn(x, weights, experts, w_gate_up, w_down, layer)
+    fn = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=rep, check_vma=False)
+    return fn(x, weights, experts, w_gate_up, w_down, layer, *(shared or ()))

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -231,3 +232,29 @@ def test_sharded_loading(saved, fmt):
         assert x.sharding.is_equivalent_to(table[path], x.ndim), path
         for shard in x.addressable_shards:  # each device holds exactly its slice
             np.testing.assert_array_equal(np.asarray(shard.data), want[path][shard.index])
+
+
+def test_shared_expert_rides_the_expert_psum():
+    """With every device on the expert axis, a MoE layer needs one all-reduce (routed and
+    shared partial sums together), not two; with tensor-axis replicas (EP < devices) the shared
+    expert keeps its own. Both equal the unsharded layer."""
+    from qnext_jax.moe import SparseMoE
+
+    x = jax.random.normal(jax.random.key(7), (3, 5, CFG.hidden_size))
+
+    def layer(mesh):
+        opts = dataclasses.replace(OPTS, mesh=mesh)
+        moe = SparseMoE(CFG, opts, dtype=jnp.float32, rngs=nnx.Rngs(5))
+        if mesh is not None:
+            sharding.shard_params(moe, mesh=mesh, cfg=CFG)
+        graphdef, state = nnx.split(moe)
+        fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+        hlo = fn.lower(state, x).compile().as_text()
+        return np.asarray(fn(state, x)), hlo.count(" all-reduce(") + hlo.count(" all-reduce-start(")
+
+    want, _ = layer(None)
+    for ep, reduces in ((8, 1), (2, 2)):
+        got, n = layer(sharding.make_mesh(CFG, 8, ep))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        assert sharding.shared_expert_joins_psum(sharding.make_mesh(CFG, 8, ep), 48) == (ep == 8)
+        assert n == reduces, (ep, n)
