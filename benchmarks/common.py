@@ -121,7 +121,7 @@ def device_memory() -> list[dict[str, float]]:
 # ---- profile breakdown ----------------------------------------------------------------------
 COMPONENTS = ("mtp", "gdn", "attention", "moe", "mlp", "lm_head")
 _COLLECTIVE = re.compile(
-    r"nccl|all[-_]?reduce|all[-_]?gather|reduce[-_]?scatter|all[-_]?to[-_]?all|collective"
+    r"nccl|psum|all[-_]?reduce|all[-_]?gather|reduce[-_]?scatter|all[-_]?to[-_]?all|collective"
     r"|send|recv",
     re.I,
 )
