@@ -5,6 +5,10 @@ must read.
 
   XLA_PYTHON_CLIENT_PREALLOCATE=false python benchmarks/bench_decode.py --layers 4 --batch 1 8 64
 
+Prefill (--prefill 16384): the engine admitting one prompt (chunked prefill, blocked on the
+cache), median of 3 after a compiling call, vs HF's forward with logits for the last position
+only (`logits_to_keep=1`), torch.cuda synchronised, same process.
+
 Timing: wall time of `engine.step(block=N)` (N decode steps inside one jitted device loop, one
 host readback per block) after a warm-up block, divided by N; median of --reps blocks.
 HF: `generate` with a static number of new tokens, (t(n2) - t(n1)) / (n2 - n1), torch.cuda
@@ -106,6 +110,52 @@ def time_hf(cfg, batch: int, context: int, n1=8, n2=40):
     return statistics.median([(run(n2) - run(n1)) / (n2 - n1) for _ in range(2)])
 
 
+def time_prefill(model, tokens: int, chunk: int, reps: int = 3) -> tuple[float, float]:
+    """(steady seconds, first-call seconds) of the engine admitting one `tokens`-token prompt
+    (chunked prefill of prompt[:-1] + slot setup), blocked on the cache."""
+    engine = Engine(
+        model,
+        EngineConfig(max_num_seqs=1, max_model_len=tokens + 16, prefill_chunk=chunk),
+        eos_ids=[],
+    )
+    prompt = list(map(int, np.random.default_rng(1).integers(0, 1000, tokens + 1)))
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    times = []
+    for _ in range(reps + 1):
+        req = engine.add_request(prompt, params)
+        t = time.perf_counter()
+        engine._admit_waiting()
+        jax.block_until_ready(engine.cache)
+        times.append(time.perf_counter() - t)
+        engine.abort(req.request_id)
+    return statistics.median(times[1:]), times[0]
+
+
+def time_hf_prefill(cfg, tokens: int, reps: int = 3) -> float:
+    """HF transformers (+ fla) forward over one prompt, logits for the last position only."""
+    import torch
+    from transformers import Qwen3NextConfig as HFConfig
+    from transformers import Qwen3NextForCausalLM as HFModel
+
+    hf_cfg = HFConfig(
+        **{k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "model_type")}
+    )
+    with torch.device("cuda"):
+        model = HFModel(hf_cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 1000, (1, tokens), device="cuda")
+
+    def run():
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.no_grad():
+            model(ids, logits_to_keep=1)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    run()
+    return statistics.median([run() for _ in range(reps)])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=4)
@@ -115,6 +165,8 @@ def main():
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--hf-batch", type=int, nargs="*", default=[1, 8])
+    ap.add_argument("--prefill", type=int, nargs="*", default=[16384], help="prompt lengths")
+    ap.add_argument("--prefill-chunk", type=int, default=8192)
     ap.add_argument("--json", default=None)
     ap.add_argument(
         "--dry-run", action="store_true", help="tiny config on the CPU: checks the script"
@@ -172,8 +224,26 @@ def main():
         except Exception as e:
             rows.append(dict(case=f"MTP k={k}", error=repr(e)[:200]))
         print(rows[-1], flush=True)
+    for n in args.prefill:
+        try:
+            steady, first = time_prefill(model, n, min(args.prefill_chunk, n))
+            rows.append(dict(case=f"prefill {n}", ours_ms=steady * 1e3, compile_s=first - steady))
+        except Exception as e:
+            rows.append(dict(case=f"prefill {n}", error=repr(e)[:200]))
+        print(rows[-1], flush=True)
     del model
-    for b in args.hf_batch:
+    for n in args.prefill if not args.dry_run else []:
+        try:
+            hf = time_hf_prefill(cfg, n)
+            for r in rows:
+                if r["case"] == f"prefill {n}" and "ours_ms" in r:
+                    r["hf_ms"] = hf * 1e3
+                    r["hf_over_ours"] = hf * 1e3 / r["ours_ms"]
+            print(f"HF prefill {n}: {hf * 1e3:.1f} ms", flush=True)
+        except Exception as e:
+            rows.append(dict(case=f"HF prefill {n}", error=repr(e)[:300]))
+            print(rows[-1], flush=True)
+    for b in args.hf_batch if not args.dry_run else []:
         try:
             hf = time_hf(cfg, b, 512)
             for r in rows:
