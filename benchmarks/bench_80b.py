@@ -159,7 +159,7 @@ def prefill_case(model, mesh, tp, tokens: int, chunk: int, vocab: int, reps: int
     engine = make_engine(model, mesh, 1, tokens + 16, 1, chunk)
     prompt = list(map(int, rng.integers(0, vocab, tokens + 1)))  # prefill covers prompt[:-1]
     times = []
-    for i in range(reps + 1):
+    for _ in range(reps + 1):
         t = time.perf_counter()
         (req,) = admit(engine, [prompt], 1)
         times.append(time.perf_counter() - t)

@@ -77,7 +77,8 @@ def time_engine(model, batch: int, context: int, k: int, block: int, reps: int):
     return step, tokens_per_step, compile_s
 
 
-def time_hf(cfg, batch: int, context: int, n1=8, n2=40):
+def hf_model(cfg):
+    """HF transformers' Qwen3-Next of the same geometry, random bf16 weights, on the GPU."""
     import torch
     from transformers import Qwen3NextConfig as HFConfig
     from transformers import Qwen3NextForCausalLM as HFModel
@@ -86,7 +87,13 @@ def time_hf(cfg, batch: int, context: int, n1=8, n2=40):
         **{k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "model_type")}
     )
     with torch.device("cuda"):
-        model = HFModel(hf_cfg).to(torch.bfloat16).eval()
+        return HFModel(hf_cfg).to(torch.bfloat16).eval()
+
+
+def time_hf(cfg, batch: int, context: int, n1=8, n2=40):
+    import torch
+
+    model = hf_model(cfg)
     ids = torch.randint(0, 1000, (batch, context), device="cuda")
     mask = torch.ones_like(ids)
 
@@ -134,14 +141,8 @@ def time_prefill(model, tokens: int, chunk: int, reps: int = 3) -> tuple[float, 
 def time_hf_prefill(cfg, tokens: int, reps: int = 3) -> float:
     """HF transformers (+ fla) forward over one prompt, logits for the last position only."""
     import torch
-    from transformers import Qwen3NextConfig as HFConfig
-    from transformers import Qwen3NextForCausalLM as HFModel
 
-    hf_cfg = HFConfig(
-        **{k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "model_type")}
-    )
-    with torch.device("cuda"):
-        model = HFModel(hf_cfg).to(torch.bfloat16).eval()
+    model = hf_model(cfg)
     ids = torch.randint(0, 1000, (1, tokens), device="cuda")
 
     def run():

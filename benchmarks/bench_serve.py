@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -123,7 +124,7 @@ def summarise(results, wall, concurrency, label):
         for r in results
         if r["chunks"] and r["tokens"] and r["tokens"] > 1
     ]
-    itl = [b - a for r in results for a, b in zip(r["chunks"], r["chunks"][1:])]
+    itl = [b - a for r in results for a, b in itertools.pairwise(r["chunks"])]
     out_tokens = sum(r["tokens"] or 0 for r in results)
     return {
         "case": f"{label} c={concurrency}",

@@ -8,10 +8,10 @@ default model.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
+from qnext_jax.llm import add_engine_args
 from qnext_jax.sampling import SamplingParams
 
 
@@ -21,9 +21,7 @@ def parse_args(argv=None):
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument(
-        "--model", default=None, help="HF or converted model directory (default: embedded demo)"
-    )
+    add_engine_args(ap)
     ap.add_argument(
         "--prompt", action="append", required=True, help="the prompt (repeat for several prompts)"
     )
@@ -49,28 +47,12 @@ def parse_args(argv=None):
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--min-p", type=float, default=None)
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--max-model-len", type=int, default=None)
-    ap.add_argument("--max-num-seqs", type=int, default=8)
-    ap.add_argument("--tensor-parallel-size", type=int, default=1)
-    ap.add_argument(
-        "--speculative-config",
-        type=json.loads,
-        default=None,
-        help='JSON, e.g. \'{"method":"qwen3_next_mtp","num_speculative_tokens":2}\'',
-    )
-    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
-    ap.add_argument(
-        "--load-format",
-        default="auto",
-        choices=["auto", "dummy"],
-        help="dummy: random weights of the --model config's geometry (benchmarks)",
-    )
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from qnext_jax.llm import LLM
+    from qnext_jax.llm import LLM, engine_kwargs
 
     try:
         params = SamplingParams(
@@ -81,15 +63,7 @@ def main(argv=None) -> int:
             min_p=args.min_p,
             seed=args.seed,
         )
-        llm = LLM(
-            args.model,
-            dtype=args.dtype,
-            max_model_len=args.max_model_len,
-            max_num_seqs=args.max_num_seqs,
-            tensor_parallel_size=args.tensor_parallel_size,
-            load_format=args.load_format,
-            speculative_config=args.speculative_config,
-        )
+        llm = LLM(args.model, **engine_kwargs(args))
     except (ValueError, FileNotFoundError, MemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -325,6 +325,49 @@ class LLM:
         )
 
 
+def add_engine_args(ap) -> None:
+    """The model and engine flags `python -m qnext_jax.generate` and `python -m qnext_jax.serve`
+    share (vLLM's names); `engine_kwargs` turns them into LLM(...) arguments."""
+    ap.add_argument(
+        "--model", default=None, help="HF or converted model directory (default: embedded demo)"
+    )
+    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--max-num-seqs", type=int, default=8, help="sequence slots (the batch)")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
+    ap.add_argument(
+        "--speculative-config",
+        type=json.loads,
+        default=None,
+        help='JSON, e.g. \'{"method":"qwen3_next_mtp","num_speculative_tokens":2}\'',
+    )
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
+    ap.add_argument(
+        "--load-format",
+        default="auto",
+        choices=["auto", "dummy"],
+        help="dummy: random weights of the --model config's geometry (benchmarks)",
+    )
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--decode-block", type=int, default=16, help="decode steps per device call")
+
+
+ENGINE_ARGS = (
+    "dtype",
+    "max_model_len",
+    "max_num_seqs",
+    "tensor_parallel_size",
+    "speculative_config",
+    "load_format",
+    "gpu_memory_utilization",
+    "decode_block",
+)
+
+
+def engine_kwargs(args) -> dict:
+    """LLM keyword arguments from flags added by `add_engine_args` (the model path apart)."""
+    return {name: getattr(args, name) for name in ENGINE_ARGS}
+
+
 def parse_speculative_config(config: dict | str | None) -> int:
     """vLLM's --speculative-config -> number of MTP draft tokens (0: off)."""
     if config is None:

@@ -7,9 +7,10 @@ demo model. The cache is sized at start-up, so an out-of-memory shows here, not 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
+
+from qnext_jax.llm import add_engine_args
 
 
 def parse_args(argv=None):
@@ -18,11 +19,7 @@ def parse_args(argv=None):
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument(
-        "--model",
-        default=None,
-        help="HF or converted model directory (default: the embedded demo model)",
-    )
+    add_engine_args(ap)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument(
@@ -31,31 +28,13 @@ def parse_args(argv=None):
         default=None,
         help="name(s) clients use in `model`; the first is reported (default: --model)",
     )
-    ap.add_argument("--max-model-len", type=int, default=None)
-    ap.add_argument("--max-num-seqs", type=int, default=8, help="sequence slots (the batch)")
     ap.add_argument(
         "--max-queue-len",
         type=int,
         default=256,
         help="requests that may wait for a slot; beyond it new requests get 503",
     )
-    ap.add_argument("--tensor-parallel-size", type=int, default=1)
-    ap.add_argument(
-        "--speculative-config",
-        type=json.loads,
-        default=None,
-        help='JSON, e.g. \'{"method":"qwen3_next_mtp","num_speculative_tokens":2}\'',
-    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
-    ap.add_argument(
-        "--load-format",
-        default="auto",
-        choices=["auto", "dummy"],
-        help="dummy: random weights of the --model config's geometry (benchmarks)",
-    )
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    ap.add_argument("--decode-block", type=int, default=16, help="decode steps per device call")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return ap.parse_args(argv)
 
@@ -65,22 +44,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     import uvicorn
 
-    from qnext_jax.llm import LLM
+    from qnext_jax.llm import LLM, engine_kwargs
     from qnext_jax.serve.app import build_app
 
     try:
-        llm = LLM(
-            args.model,
-            dtype=args.dtype,
-            max_model_len=args.max_model_len,
-            max_num_seqs=args.max_num_seqs,
-            tensor_parallel_size=args.tensor_parallel_size,
-            load_format=args.load_format,
-            speculative_config=args.speculative_config,
-            seed=args.seed,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            decode_block=args.decode_block,
-        )
+        llm = LLM(args.model, seed=args.seed, **engine_kwargs(args))
     except (ValueError, FileNotFoundError, MemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
