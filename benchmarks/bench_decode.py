@@ -269,8 +269,9 @@ def main():
             else ""
         )
         print(
-            f"| {r['case']}{extra} | {f('ours_ms')} | {f('hf_ms')} | {f('hf_over_ours', '{:.1f}')} | "
-            f"{f('floor_ms')} | {'-' if ratio is None else f'{ratio:.1f}'} | {f('compile_s', '{:.1f}')} |"
+            f"| {r['case']}{extra} | {f('ours_ms')} | {f('hf_ms')} | "
+            f"{f('hf_over_ours', '{:.1f}')} | {f('floor_ms')} | "
+            f"{'-' if ratio is None else f'{ratio:.1f}'} | {f('compile_s', '{:.1f}')} |"
             + (f" error {r['error']}" if "error" in r else "")
         )
     if args.json:

@@ -306,7 +306,8 @@ def main():
         f"{args.decode_block}, max_num_seqs {args.max_num_seqs}, tp {args.tp}, {args.layers} layers"
     )
     print(
-        "| case | done | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | ITL p50 ms | ITL p99 ms | out tok/s |"
+        "| case | done | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | ITL p50 ms | ITL p99 ms "
+        "| out tok/s |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -188,7 +188,8 @@ def _device_events(trace: dict, device_id: int = 0):
 def profile_breakdown(run, hlo_text: str, steps: int, device_id: int = 0) -> dict:
     """Run `run()` (it must block) under the profiler; returns {component: us per step} of
     kernel time on one device, plus 'busy' (sum), 'span' (first kernel start to last end),
-    'kernels' (launches per step) and 'top' (the 25 costliest kernels: component, name, op, us). Raises RuntimeError when the trace has no device events."""
+    'kernels' (launches per step) and 'top' (the 25 costliest kernels: component, name, op,
+    us). Raises RuntimeError when the trace has no device events."""
     names = hlo_op_names(hlo_text)
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
