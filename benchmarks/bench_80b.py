@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from common import (  # noqa: E402
     decode_bytes,
@@ -41,6 +42,7 @@ from common import (  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from qnext_jax import sharding  # noqa: E402
+from qnext_jax.cache import CacheSlots  # noqa: E402
 from qnext_jax.config import (  # noqa: E402
     QWEN3_NEXT_80B_A3B,
     RuntimeOptions,
@@ -142,19 +144,32 @@ def decode_case(model, mesh, tp, batch, context, block, reps, profile, vocab, ta
 
 def profile_decode(engine, block: int):
     """Per-step kernel time by component on device 0, from one profiled block."""
-    args = (engine.params, engine.cache, engine.slots, block)
-    lowered = engine._decode.lower(*args, engine.cfg.decode_block)
-    hlo = lowered.compile().as_text()
+    args = (engine.params, engine.cache, engine.slots, block, engine.cfg.decode_block)
+    return profile_program(engine._decode, args, lambda: engine.step(block=block), steps=block)
+
+
+def profile_prefill(engine, prompt):
+    """Kernel time by component of one admission (one prefill chunk when the prompt fits)."""
+    C = engine.cfg.prefill_chunk
+    ids = jnp.zeros((1, C), jnp.int32)
+    slots = CacheSlots(jnp.zeros((1,), jnp.int32), jnp.ones((1,), bool))
+    args = (engine.params, engine.cache, ids, ids, ids, slots)
 
     def run():
-        engine.step(block=block)
+        (req,) = admit(engine, [prompt], 1)
+        engine.abort(req.request_id)
 
-    out = profile_breakdown(run, hlo, steps=block)
+    return profile_program(engine._prefill, args, run, steps=1)
+
+
+def profile_program(jitted, args, run, steps: int):
+    hlo = jitted.lower(*args).compile().as_text()  # the program `run` executes: its op names
+    out = profile_breakdown(run, hlo, steps=steps)
     out["all_reduce_ops"] = hlo.count(" all-reduce(") + hlo.count(" all-reduce-start(")
     return out
 
 
-def prefill_case(model, mesh, tp, tokens: int, chunk: int, vocab: int, reps: int = 3):
+def prefill_case(model, mesh, tp, tokens: int, chunk: int, vocab: int, profile: bool, reps=3):
     rng = np.random.default_rng(1)
     engine = make_engine(model, mesh, 1, tokens + 16, 1, chunk)
     prompt = list(map(int, rng.integers(0, vocab, tokens + 1)))  # prefill covers prompt[:-1]
@@ -167,7 +182,7 @@ def prefill_case(model, mesh, tp, tokens: int, chunk: int, vocab: int, reps: int
     steady = statistics.median(times[1:])
     flops = prefill_flops(model.config, tokens)
     floor = flops / (PEAK_FLOPS * tp)
-    record(
+    row = dict(
         case=f"prefill {tokens} (chunk {chunk})",
         ours_ms=steady * 1e3,
         floor_ms=floor * 1e3,
@@ -176,6 +191,12 @@ def prefill_case(model, mesh, tp, tokens: int, chunk: int, vocab: int, reps: int
         prefill_compile_s=times[0] - steady,
         memory=device_memory(),
     )
+    if profile:
+        try:
+            row["profile"] = profile_prefill(engine, prompt)
+        except Exception as e:  # the timing stands without it
+            row["profile_error"] = repr(e)[:300]
+    record(**row)
     del engine
 
 
@@ -264,6 +285,7 @@ def main():
     ap.add_argument("--long-prompt", type=int, default=0, help="e.g. 262144 (chunked prefill)")
     ap.add_argument("--long-prompt-chunk", type=int, default=2048)
     ap.add_argument("--profile-batch", type=int, nargs="*", default=[1, 64])
+    ap.add_argument("--profile-prefill", type=int, nargs="*", default=[8192])
     ap.add_argument("--moe-impl", nargs="+", default=["auto"], help="decode cases per impl")
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
@@ -357,6 +379,7 @@ def main():
             n,
             min(args.prefill_chunk, n),
             cfg.vocab_size,
+            n in args.profile_prefill,
         )
     print_table(meta)
     if args.json:

@@ -146,6 +146,8 @@ def classify(kernel: str, hlo_op: str | None, names: dict[str, str]) -> str:
         low = kernel.lower()
         if "gdn" in low or "conv1d" in low:
             return "gdn"
+        if low.startswith("moe_"):  # pallas_kernels/moe: moe_gate_up, moe_down
+            return "moe"
         return "other (unattributed)"
     if _COLLECTIVE.search(op):
         return "collectives"
@@ -188,8 +190,8 @@ def _device_events(trace: dict, device_id: int = 0):
 def profile_breakdown(run, hlo_text: str, steps: int, device_id: int = 0) -> dict:
     """Run `run()` (it must block) under the profiler; returns {component: us per step} of
     kernel time on one device, plus 'busy' (sum), 'span' (first kernel start to last end),
-    'kernels' (launches per step) and 'top' (the 25 costliest kernels: component, name, op,
-    us). Raises RuntimeError when the trace has no device events."""
+    'kernels' (launches per step) and 'top' (the 30 costliest kernels: component, name, HLO op,
+    us, the op's source scope). Raises RuntimeError when the trace has no device events."""
     names = hlo_op_names(hlo_text)
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
@@ -204,7 +206,8 @@ def profile_breakdown(run, hlo_text: str, steps: int, device_id: int = 0) -> dic
     for name, args, dur, ts in _device_events(trace, device_id):
         comp = classify(name, args.get("hlo_op"), names)
         per[comp] += dur
-        by_kernel[comp, name[:80], args.get("hlo_op", "")] += dur
+        op = args.get("hlo_op", "")
+        by_kernel[comp, name[:80], op, (names.get(op) or names.get(name) or "")[-120:]] += dur
         n += 1
         first, last = min(first, ts), max(last, ts + dur)
     if not n:
@@ -213,5 +216,5 @@ def profile_breakdown(run, hlo_text: str, steps: int, device_id: int = 0) -> dic
     out["busy"] = sum(per.values()) / steps
     out["span"] = (last - first) / steps
     out["kernels"] = n / steps
-    out["top"] = [(c, k, op, us / steps) for (c, k, op), us in by_kernel.most_common(25)]
+    out["top"] = [(c, k, op, us / steps, src) for (c, k, op, src), us in by_kernel.most_common(30)]
     return out

@@ -114,11 +114,34 @@ def conv_per_shard(kernel, mesh, x, weight, initial_state, **kw):
 
 
 # ---- attention -----------------------------------------------------------------------------
+ATTENTION_IMPLS = ("dense", "blockwise")
+# Score bytes (fp32, all heads and rows) one dense call or one key block may hold: above it,
+# "auto" walks the keys in blocks (a 256K cache under an 8K-token prefill chunk would otherwise
+# need a 64 GiB score matrix per GPU).
+SCORE_BYTES = 1 << 28
+MIN_KEY_BLOCK = 256
+
+
 def attention(q, k, v, q_pos, k_pos, *, scale: float, impl: str = "auto"):
-    """Causal GQA attention by position: key s is visible to query t iff k_pos[s] <= q_pos[t].
+    """Causal GQA attention by position: key s is visible to query t iff 0 <= k_pos[s] <= q_pos[t].
 
     q [B,T,H,D], k/v [B,S,KVH,D], q_pos [B,T], k_pos [B,S] (-1 marks an empty slot).
-    Softmax in fp32; KV heads are never repeated (query heads grouped per KV head)."""
+    Softmax in fp32; KV heads are never repeated (query heads grouped per KV head); a query
+    that sees no key gets zeros. impl: "dense" (one score matrix), "blockwise" (flash-style
+    online softmax over key blocks, blocks no query can see skipped), "auto" (dense while the
+    scores fit in SCORE_BYTES)."""
+    if impl not in ("auto", *ATTENTION_IMPLS):
+        raise ValueError(f"attention impl={impl!r}; allowed: 'auto', {ATTENTION_IMPLS}")
+    B, T, H, _ = q.shape
+    S = k.shape[1]
+    if impl == "dense" or (impl == "auto" and B * H * T * S * 4 <= SCORE_BYTES):
+        return _attention_dense(q, k, v, q_pos, k_pos, scale)
+    block = SCORE_BYTES // (B * H * T * 4)
+    block = min(max(MIN_KEY_BLOCK, 1 << max(block.bit_length() - 1, 0)), S)
+    return _attention_blockwise(q, k, v, q_pos, k_pos, scale, block)
+
+
+def _attention_dense(q, k, v, q_pos, k_pos, scale):
     B, T, H, D = q.shape
     KVH = k.shape[2]
     qg = q.reshape(B, T, KVH, H // KVH, D)
@@ -128,6 +151,55 @@ def attention(q, k, v, q_pos, k_pos, *, scale: float, impl: str = "auto"):
     probs = jax.nn.softmax(scores, axis=-1)
     probs = jnp.where(visible[:, None, None], probs, 0.0).astype(v.dtype)  # rows with no key
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, H, D).astype(q.dtype)
+
+
+def _attention_blockwise(q, k, v, q_pos, k_pos, scale, block: int):
+    """Online softmax over key blocks of `block` (a lax.scan; the running max, sum and output
+    in fp32). A block whose keys are all later than every query, or empty, is skipped by a
+    lax.cond, so a chunk of a long prompt pays for the keys it sees, not for the cache."""
+    B, T, H, D = q.shape
+    S, KVH = k.shape[1], k.shape[2]
+    n = -(-S // block)
+    pad = n * block - S
+    if pad:
+        k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (k, v))
+        k_pos = jnp.pad(k_pos, ((0, 0), (0, pad)), constant_values=-1)
+    kb, vb = (a.reshape(B, n, block, KVH, D).swapaxes(0, 1) for a in (k, v))
+    pb = k_pos.reshape(B, n, block).swapaxes(0, 1)
+    qg = q.reshape(B, T, KVH, H // KVH, D)
+    q_last = jnp.max(q_pos)
+    carry = (
+        jnp.full((B, KVH, H // KVH, T), -jnp.inf, jnp.float32),  # running max
+        jnp.zeros((B, KVH, H // KVH, T), jnp.float32),  # running sum
+        jnp.zeros((B, T, KVH, H // KVH, D), jnp.float32),  # running output
+    )
+
+    def update(carry, kv):
+        m, l, acc = carry
+        kk, vv, kp = kv
+        s = jnp.einsum("btkgd,bskd->bkgts", qg, kk, preferred_element_type=jnp.float32) * scale
+        visible = (kp[:, None, :] <= q_pos[:, :, None]) & (kp[:, None, :] >= 0)
+        s = jnp.where(visible[:, None, None], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # no key seen yet: nothing to scale
+        p = jnp.exp(s - m_safe[..., None])
+        alpha = jnp.exp(m - m_safe)
+        l = alpha * l + jnp.sum(p, axis=-1)
+        pv = jnp.einsum(
+            "bkgts,bskd->btkgd", p.astype(v.dtype), vv, preferred_element_type=jnp.float32
+        )
+        acc = acc * jnp.moveaxis(alpha, -1, 1)[..., None] + pv
+        return m_new, l, acc
+
+    def body(carry, kv):
+        kp = kv[2]
+        seen = jnp.any((kp >= 0) & (kp <= q_last))
+        return jax.lax.cond(seen, update, lambda c, _: c, carry, kv), None
+
+    (_, l, acc), _ = jax.lax.scan(body, carry, (kb, vb, pb))
+    l = jnp.moveaxis(l, -1, 1)[..., None]
+    out = jnp.where(l > 0, acc / jnp.where(l > 0, l, 1.0), 0.0)
     return out.reshape(B, T, H, D).astype(q.dtype)
 
 

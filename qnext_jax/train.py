@@ -225,7 +225,7 @@ def train_options() -> RuntimeOptions:
     chunked (WY) form on GPU, the token recurrence on CPU (it compiles far faster there)."""
     gdn = "chunked" if jax.default_backend() == "gpu" else "recurrent"
     return RuntimeOptions(
-        dtype="bfloat16", gdn_impl=gdn, attention_impl="xla", moe_impl="dense", scan_layers=True
+        dtype="bfloat16", gdn_impl=gdn, attention_impl="dense", moe_impl="dense", scan_layers=True
     )
 
 
@@ -399,7 +399,9 @@ class GreedyGenerator:
 
 def eval_model(cfg, params, dtype: str = "float32"):
     """A decode-ready model (recurrent GDN, dense experts) holding `params`."""
-    opts = RuntimeOptions(dtype=dtype, gdn_impl="recurrent", attention_impl="xla", moe_impl="dense")
+    opts = RuntimeOptions(
+        dtype=dtype, gdn_impl="recurrent", attention_impl="dense", moe_impl="dense"
+    )
     model = nnx.eval_shape(lambda: Qwen3NextForCausalLM(cfg, opts, rngs=nnx.Rngs(0)))
     graphdef, _ = nnx.split(model, nnx.Param)
     return nnx.merge(graphdef, jax.tree.map(lambda p: jnp.asarray(p, dtype), params))
