@@ -162,8 +162,15 @@ def profile_prefill(engine, prompt):
     return profile_program(engine._prefill, args, run, steps=1)
 
 
+HLO_DIR = None  # --hlo-dir: where the profiled programs' compiled HLO is written
+
+
 def profile_program(jitted, args, run, steps: int):
     hlo = jitted.lower(*args).compile().as_text()  # the program `run` executes: its op names
+    if HLO_DIR:
+        os.makedirs(HLO_DIR, exist_ok=True)
+        with open(os.path.join(HLO_DIR, f"{jitted.__name__}_{len(ROWS)}.hlo.txt"), "w") as fh:
+            fh.write(hlo)
     out = profile_breakdown(run, hlo, steps=steps)
     out["all_reduce_ops"] = hlo.count(" all-reduce(") + hlo.count(" all-reduce-start(")
     return out
@@ -290,8 +297,11 @@ def main():
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--hlo-dir", default=None, help="write the profiled programs' compiled HLO")
     ap.add_argument("--dry-run", action="store_true", help="tiny config: checks the script")
     args = ap.parse_args()
+    global HLO_DIR
+    HLO_DIR = args.hlo_dir
 
     if args.dry_run:
         cfg = tiny_config(
