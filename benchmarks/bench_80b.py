@@ -102,10 +102,14 @@ def admit(engine, prompts, max_tokens: int):
     return reqs
 
 
-def decode_case(model, mesh, tp, batch, context, block, reps, profile, vocab, tag=""):
+def decode_case(model, mesh, tp, batch, context, block, reps, profile, vocab, tag="", slots=0):
+    """`batch` running requests in an engine of max(batch, slots) slots (idle slots: a server
+    with --max-num-seqs above its load)."""
     rng = np.random.default_rng(0)
     steps = block * (reps + 2)
-    engine = make_engine(model, mesh, batch, context + steps + 8, block, min(context, 8192))
+    engine = make_engine(
+        model, mesh, max(batch, slots), context + steps + 8, block, min(context, 8192)
+    )
     prompts = [list(map(int, rng.integers(0, vocab, context))) for _ in range(batch)]
     t = time.perf_counter()
     admit(engine, prompts, steps)
@@ -123,7 +127,8 @@ def decode_case(model, mesh, tp, batch, context, block, reps, profile, vocab, ta
     cfg = model.config
     floor = floor_seconds(cfg, batch, context, devices=tp)
     row = dict(
-        case=f"decode B={batch} ctx={context}{tag}",
+        case=f"decode B={batch} ctx={context}{tag}"
+        + (f" of {slots} slots" if slots > batch else ""),
         ours_ms=step * 1e3,
         floor_ms=floor * 1e3,
         ratio=step / floor,
@@ -295,6 +300,7 @@ def main():
     ap.add_argument("--profile-prefill", type=int, nargs="*", default=[8192])
     ap.add_argument("--moe-impl", nargs="+", default=["auto"], help="decode cases per impl")
     ap.add_argument("--block", type=int, default=32)
+    ap.add_argument("--slots", type=int, default=0, help="engine slots (default: the batch)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", default=None)
     ap.add_argument("--hlo-dir", default=None, help="write the profiled programs' compiled HLO")
@@ -364,6 +370,7 @@ def main():
                 b in args.profile_batch,
                 cfg.vocab_size,
                 tag,
+                args.slots,
             )
     for b in args.long_batch if args.long_context else []:
         guarded(

@@ -63,7 +63,7 @@ class DecoderLayer(nnx.Module):
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, SparseMoE):
             with jax.named_scope("moe"):
-                h = self.mlp(h, layer=layer)
+                h = self.mlp(h, layer=layer, valid=positions >= 0)
         else:
             with jax.named_scope("mlp"):
                 h = self.mlp(h)

@@ -34,12 +34,18 @@ class SparseMoE(nnx.Module):
         self.shared_expert_gate = Linear(D, 1, dtype=dtype, rngs=rngs)
         self.impl, self.mesh = opts.moe_impl, opts.mesh
 
-    def __call__(self, x: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, layer: jax.Array | None = None, valid: jax.Array | None = None
+    ) -> jax.Array:
         """x [..., D]. layer: set when gate_up / down hold the whole stack over layers
-        ([L, E, ...], inside LayerStack's scan) and picks this layer's experts."""
+        ([L, E, ...], inside LayerStack's scan) and picks this layer's experts.
+        valid [...] bool: tokens that are False (padding, idle decode slots) are routed to no
+        expert, so their rows cost no expert reads; their output is the shared expert's only."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
         weights, experts = route(self.gate(x), self.top_k, self.normalize)
+        if valid is not None:  # id -1: held nowhere, every expert path skips it
+            experts = jnp.where(valid.reshape(-1, 1), experts, -1)
         scale = jax.nn.sigmoid(self.shared_expert_gate(x))  # [N, 1]
         se = self.shared_expert
         fold = sharding.shared_expert_joins_psum(self.mesh, se.gate_proj.w.shape[-1])

@@ -103,3 +103,23 @@ def test_scan_does_not_slice_expert_stacks():
         xs = [v.aval.shape for v in eqn.invars[n_consts + n_carry :]]
         assert not stacks & set(xs), f"expert stacks sliced by the scan: {xs}"
         assert stacks <= set(consts)
+
+
+@pytest.mark.parametrize("impl", ["gather", "grouped", "pallas"])
+def test_invalid_tokens_reach_no_expert(impl):
+    """Padding and idle decode slots (valid=False) cost no expert reads: their output is the
+    shared expert's alone, and the valid tokens' outputs are unchanged."""
+    from flax import nnx
+
+    from qnext_jax.config import RuntimeOptions, tiny_config
+    from qnext_jax.moe import SparseMoE
+
+    cfg = tiny_config(hidden_size=32, moe_intermediate_size=16, shared_expert_intermediate_size=16)
+    moe = SparseMoE(cfg, RuntimeOptions(moe_impl=impl), dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 5, 32)), jnp.float32)
+    valid = jnp.asarray([[True] * 5, [True, True, False, False, False]])
+    full, masked = moe(x), moe(x, valid=valid)
+    shared = moe.shared_expert(x) * jax.nn.sigmoid(moe.shared_expert_gate(x))
+    np.testing.assert_allclose(masked[valid], full[valid], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(masked[~valid], shared[~valid], rtol=1e-6, atol=1e-6)
+    assert float(jnp.abs(full[~valid] - shared[~valid]).max()) > 1e-3  # routing did contribute
