@@ -26,7 +26,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qnext_jax.cache import GDN_CONV_AXES, GDN_STATE_AXES, KV_AXES, GDNCache, KVCache
 from qnext_jax.config import Qwen3NextConfig
-from qnext_jax.layers import swiglu_hidden
 
 EP, TP = "ep", "tp"
 TENSOR = (EP, TP)  # every device of the mesh
@@ -293,7 +292,7 @@ def expert_parallel(
         out = local_fn(x, weights, ids, gu, down, layer if stacked else None)
         if shared:
             w_gate, w_up, w_down, scale = shared
-            h = swiglu_hidden(jax.nn.silu(x @ w_gate.astype(x.dtype)) * (x @ w_up.astype(x.dtype)))
+            h = jax.nn.silu(x @ w_gate.astype(x.dtype)) * (x @ w_up.astype(x.dtype))
             part = jnp.dot(h, w_down.astype(x.dtype), preferred_element_type=jnp.float32)
             out = out + part * scale.astype(jnp.float32)
         return jax.lax.psum(out, axis)
