@@ -89,7 +89,8 @@ class Qwen3NextConfig:
         return 2 * self.linear_key_dim + self.linear_value_dim
 
     def is_moe_layer(self, i: int) -> bool:
-        """HF rule: MoE iff not in mlp_only_layers, experts exist, and (i+1) % decoder_sparse_step == 0."""
+        """HF rule: MoE iff not in mlp_only_layers, experts exist, and
+        (i + 1) % decoder_sparse_step == 0."""
         return (
             i not in self.mlp_only_layers
             and self.num_experts > 0
@@ -188,14 +189,16 @@ class Qwen3NextConfig:
         hf = dict(source)
         if hf.get("model_type") != "qwen3_next":
             raise ValueError(
-                f"config.model_type={hf.get('model_type')!r} is not supported; allowed: 'qwen3_next'"
+                f"config.model_type={hf.get('model_type')!r} is not supported; "
+                "allowed: 'qwen3_next'"
             )
         fields = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in hf.items() if k in fields}
         n_layers = hf.get("num_hidden_layers", cls.num_hidden_layers)
         if not hf.get("layer_types"):
             kw["layer_types"] = default_layer_types(n_layers, hf.get("full_attention_interval", 4))
-        # transformers v5 folds rope_theta / rope_scaling / partial_rotary_factor into rope_parameters
+        # transformers v5 folds rope_theta / rope_scaling / partial_rotary_factor into
+        # rope_parameters
         rope = dict(hf.get("rope_parameters") or {})
         scaling = hf.get("rope_scaling") or (
             rope if rope.get("rope_type", "default") != "default" else None
@@ -244,7 +247,8 @@ def default_layer_types(num_layers: int, full_attention_interval: int) -> tuple[
     """HF's rule: layer i is full attention iff (i + 1) % interval == 0."""
     if not isinstance(full_attention_interval, int) or full_attention_interval < 1:
         raise ValueError(
-            f"config.full_attention_interval must be a positive integer, got {full_attention_interval!r}"
+            "config.full_attention_interval must be a positive integer, "
+            f"got {full_attention_interval!r}"
         )
     return tuple(LINEAR if (i + 1) % full_attention_interval else FULL for i in range(num_layers))
 

@@ -73,9 +73,10 @@ def main(argv=None) -> int:
         source = [{"role": "user", "content": prompt}] if args.chat else prompt
         section = None
         final = None
-        for reasoning, content, final in llm.stream(
+        for reasoning, content, result in llm.stream(
             source, params, chat_template_kwargs=kwargs, chat=args.chat
         ):
+            final = result
             for kind, delta in (("reasoning", reasoning), ("answer", content)):
                 if not delta:
                     continue
@@ -95,14 +96,13 @@ def main(argv=None) -> int:
                 end="",
             )
         tps = m.decode_tokens_per_s(len(out.token_ids))
-        print(
-            f"\n\n--- prompt tokens {len(final.prompt_token_ids)} | generated {len(out.token_ids)} "
-            f"({out.finish_reason}) | TTFT {m.ttft * 1e3:.1f} ms | decode "
-            f"{tps:.1f} tok/s | wall {time.perf_counter() - t0:.2f} s"
-            if tps
-            else f"\n\n--- prompt tokens {len(final.prompt_token_ids)} | generated {len(out.token_ids)} "
-            f"({out.finish_reason}) | TTFT {m.ttft * 1e3:.1f} ms"
+        summary = (
+            f"\n\n--- prompt tokens {len(final.prompt_token_ids)} | generated "
+            f"{len(out.token_ids)} ({out.finish_reason}) | TTFT {m.ttft * 1e3:.1f} ms"
         )
+        if tps:
+            summary += f" | decode {tps:.1f} tok/s | wall {time.perf_counter() - t0:.2f} s"
+        print(summary)
     return 0
 
 

@@ -128,7 +128,8 @@ def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array, scale: float, dtype)
 
 
 def apply_partial_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """NeoX (half-split) rotation of the first rotary_dim dims of x [B, T, N, D]; rest pass through."""
+    """NeoX (half-split) rotation of the first rotary_dim dims of x [B, T, N, D]; the rest pass
+    through."""
     r = cos.shape[-1]
     x_rot, x_pass = x[..., :r], x[..., r:]
     x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2 :]

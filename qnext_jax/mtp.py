@@ -1,7 +1,8 @@
 """The native multi-token-prediction (MTP) head.
 
 Fed with the main model's post-final-norm hidden state h_t and the embedding of token t+1:
-  x = fc([pre_fc_norm_embedding(embed(x_{t+1})) | pre_fc_norm_hidden(h_t)])   (order: embedding first)
+  x = fc([pre_fc_norm_embedding(embed(x_{t+1})) | pre_fc_norm_hidden(h_t)])
+      (order: embedding first)
   x = full-attention decoder layer(s) (MoE, own KV cache) at position t
   h = norm(x);  logits = lm_head(h)  (embedding and lm_head shared with the main model)
 For more than one draft step the same layer is reused on its own output and its own draft.
