@@ -203,10 +203,16 @@ class Engine:
 
     def step(self, block: int | None = None) -> list[tuple[Request, list[int]]]:
         """Admit waiting requests, run one decode block. Returns (request, new token ids) for
-        every request that produced tokens or finished in this step."""
+        every request that produced tokens or finished in this step.
+
+        block: steps in this device call (at most decode_block). By default decode_block, but
+        1 while a running request has no token yet: its first token then comes after its
+        prefill and one step, not a whole block (time to first token as vLLM's)."""
         self._admit_waiting()
         if not self.running:
             return []
+        if block is None and any(r.first_token_time is None for r in self.running.values()):
+            block = 1
         n = block or self.cfg.decode_block
         self.cache, self.slots, out = self._decode(
             self.params, self.cache, self.slots, n, self.cfg.decode_block

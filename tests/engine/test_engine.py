@@ -89,6 +89,20 @@ def test_streaming_blocks_do_not_change_tokens(base_model):
     assert big == small
 
 
+def test_first_token_comes_after_one_step(base_model):
+    """A block that follows an admission runs one step (the new request's first token comes
+    after its prefill and one step); later blocks run decode_block steps; one compiled step."""
+    cfg = EngineConfig(max_model_len=160, decode_block=8, max_num_seqs=2)
+    engine = Engine(base_model, cfg, eos_ids=[])
+    a = engine.add_request(prompts_of([7])[0], SamplingParams(max_tokens=30, **GREEDY))
+    assert [len(new) for _, new in engine.step()] == [1]
+    assert [len(new) for _, new in engine.step()] == [8]
+    b = engine.add_request(prompts_of([9], seed=1)[0], SamplingParams(max_tokens=30, **GREEDY))
+    assert sorted(len(new) for _, new in engine.step()) == [1, 1]  # a waits one step for b
+    assert len(a.output_ids) == 10 and len(b.output_ids) == 1
+    assert engine.compiles["decode", 8] == 1
+
+
 def test_seeded_sampling_is_reproducible_and_batch_independent(base_model):
     prompts = prompts_of([8, 8, 15], seed=5)
     a = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=20, seed=7)
