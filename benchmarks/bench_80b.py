@@ -33,11 +33,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from common import (  # noqa: E402
+    admit,
     decode_bytes,
     device_memory,
     floor_seconds,
     prefill_flops,
     profile_breakdown,
+    time_admission,
 )
 from flax import nnx  # noqa: E402
 
@@ -51,7 +53,6 @@ from qnext_jax.config import (  # noqa: E402
 )
 from qnext_jax.engine import Engine, EngineConfig  # noqa: E402
 from qnext_jax.loading import init_random  # noqa: E402
-from qnext_jax.sampling import SamplingParams  # noqa: E402
 
 PEAK_FLOPS = 790e12  # bf16 dense, measured on the H200 (8192^3 matmul)
 ROWS: list[dict] = []
@@ -94,14 +95,6 @@ def make_engine(model, mesh, batch: int, max_len: int, block: int, chunk: int):
     return Engine(model, cfg, eos_ids=[], mesh=mesh)
 
 
-def admit(engine, prompts, max_tokens: int):
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    reqs = [engine.add_request(p, params) for p in prompts]
-    engine._admit_waiting()
-    jax.block_until_ready(engine.cache)
-    return reqs
-
-
 def decode_case(model, mesh, tp, batch, context, block, reps, profile, vocab, tag="", slots=0):
     """`batch` running requests in an engine of max(batch, slots) slots (idle slots: a server
     with --max-num-seqs above its load)."""
@@ -139,10 +132,7 @@ def decode_case(model, mesh, tp, batch, context, block, reps, profile, vocab, ta
         memory=device_memory(),
     )
     if profile:
-        try:
-            row["profile"] = profile_decode(engine, block)
-        except Exception as e:  # the timing stands without it
-            row["profile_error"] = repr(e)[:300]
+        attach_profile(row, profile_decode, engine, block)
     record(**row)
     del engine
 
@@ -167,6 +157,14 @@ def profile_prefill(engine, prompt):
     return profile_program(engine._prefill, args, run, steps=1)
 
 
+def attach_profile(row: dict, profile_fn, *args) -> None:
+    """row["profile"] = profile_fn(*args); a failed profile is noted and the timing stands."""
+    try:
+        row["profile"] = profile_fn(*args)
+    except Exception as e:
+        row["profile_error"] = repr(e)[:300]
+
+
 HLO_DIR = None  # --hlo-dir: where the profiled programs' compiled HLO is written
 
 
@@ -185,13 +183,7 @@ def prefill_case(model, mesh, tp, tokens: int, chunk: int, vocab: int, profile: 
     rng = np.random.default_rng(1)
     engine = make_engine(model, mesh, 1, tokens + 16, 1, chunk)
     prompt = list(map(int, rng.integers(0, vocab, tokens + 1)))  # prefill covers prompt[:-1]
-    times = []
-    for _ in range(reps + 1):
-        t = time.perf_counter()
-        (req,) = admit(engine, [prompt], 1)
-        times.append(time.perf_counter() - t)
-        engine.abort(req.request_id)
-    steady = statistics.median(times[1:])
+    steady, first = time_admission(engine, prompt, reps)
     flops = prefill_flops(model.config, tokens)
     floor = flops / (PEAK_FLOPS * tp)
     row = dict(
@@ -200,14 +192,11 @@ def prefill_case(model, mesh, tp, tokens: int, chunk: int, vocab: int, profile: 
         floor_ms=floor * 1e3,
         ratio=steady / floor,
         tok_s=tokens / steady,
-        prefill_compile_s=times[0] - steady,
+        prefill_compile_s=first - steady,
         memory=device_memory(),
     )
     if profile:
-        try:
-            row["profile"] = profile_prefill(engine, prompt)
-        except Exception as e:  # the timing stands without it
-            row["profile_error"] = repr(e)[:300]
+        attach_profile(row, profile_prefill, engine, prompt)
     record(**row)
     del engine
 

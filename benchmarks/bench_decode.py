@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from common import floor_seconds  # noqa: E402
+from common import floor_seconds, time_admission  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from qnext_jax.config import QWEN3_NEXT_80B_A3B, RuntimeOptions, default_layer_types  # noqa: E402
@@ -126,16 +126,7 @@ def time_prefill(model, tokens: int, chunk: int, reps: int = 3) -> tuple[float, 
         eos_ids=[],
     )
     prompt = list(map(int, np.random.default_rng(1).integers(0, 1000, tokens + 1)))
-    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    times = []
-    for _ in range(reps + 1):
-        req = engine.add_request(prompt, params)
-        t = time.perf_counter()
-        engine._admit_waiting()
-        jax.block_until_ready(engine.cache)
-        times.append(time.perf_counter() - t)
-        engine.abort(req.request_id)
-    return statistics.median(times[1:]), times[0]
+    return time_admission(engine, prompt, reps)
 
 
 def time_hf_prefill(cfg, tokens: int, reps: int = 3) -> float:
@@ -233,28 +224,28 @@ def main():
             rows.append(dict(case=f"prefill {n}", error=repr(e)[:200]))
         print(rows[-1], flush=True)
     del model
+
+    def anchor(label: str, matches, timer) -> None:
+        """HF's seconds from timer() into the rows matches(case) selects (HF / ours too)."""
+        try:
+            hf = timer()
+            for r in rows:
+                if matches(r["case"]) and "ours_ms" in r:
+                    r["hf_ms"] = hf * 1e3
+                    r["hf_over_ours"] = hf * 1e3 / r["ours_ms"]
+            print(f"HF {label}: {hf * 1e3:.3f} ms", flush=True)
+        except Exception as e:
+            rows.append(dict(case=f"HF {label}", error=repr(e)[:300]))
+            print(rows[-1], flush=True)
+
     for n in args.prefill if not args.dry_run else []:
-        try:
-            hf = time_hf_prefill(cfg, n)
-            for r in rows:
-                if r["case"] == f"prefill {n}" and "ours_ms" in r:
-                    r["hf_ms"] = hf * 1e3
-                    r["hf_over_ours"] = hf * 1e3 / r["ours_ms"]
-            print(f"HF prefill {n}: {hf * 1e3:.1f} ms", flush=True)
-        except Exception as e:
-            rows.append(dict(case=f"HF prefill {n}", error=repr(e)[:300]))
-            print(rows[-1], flush=True)
+        anchor(f"prefill {n}", f"prefill {n}".__eq__, lambda n=n: time_hf_prefill(cfg, n))
     for b in args.hf_batch if not args.dry_run else []:
-        try:
-            hf = time_hf(cfg, b, 512)
-            for r in rows:
-                if r["case"].startswith(f"decode B={b} "):
-                    r["hf_ms"] = hf * 1e3
-                    r["hf_over_ours"] = hf * 1e3 / r["ours_ms"]
-            print(f"HF B={b}: {hf * 1e3:.3f} ms/step", flush=True)
-        except Exception as e:
-            rows.append(dict(case=f"HF B={b}", error=repr(e)[:300]))
-            print(rows[-1], flush=True)
+        anchor(
+            f"B={b} step",
+            lambda case, b=b: case.startswith(f"decode B={b} "),
+            lambda b=b: time_hf(cfg, b, 512),
+        )
     print("\n| case | ours ms/step | HF ms/step | HF/ours | floor ms | ours/floor | compile s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

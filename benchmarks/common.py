@@ -21,6 +21,7 @@ import time
 import jax
 
 from qnext_jax.config import FULL
+from qnext_jax.sampling import SamplingParams
 
 HBM_BPS = 4.3e12  # H200 device-to-device copy, measured (shared/spec/anchors.md)
 
@@ -100,6 +101,28 @@ def median_time(fn, reps: int = 5, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def admit(engine, prompts, max_tokens: int = 1):
+    """Queue greedy requests and admit them at once (chunked prefill of each prompt[:-1] and
+    slot setup), blocked on the cache. Returns the requests."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    reqs = [engine.add_request(p, params) for p in prompts]
+    engine._admit_waiting()
+    jax.block_until_ready(engine.cache)
+    return reqs
+
+
+def time_admission(engine, prompt, reps: int = 3) -> tuple[float, float]:
+    """(median seconds of `reps` admissions of one prompt after a first, compiling one; that
+    first one's seconds). Each request is aborted after its admission, freeing the slot."""
+    times = []
+    for _ in range(reps + 1):
+        t = time.perf_counter()
+        (req,) = admit(engine, [prompt])
+        times.append(time.perf_counter() - t)
+        engine.abort(req.request_id)
+    return statistics.median(times[1:]), times[0]
 
 
 def device_memory() -> list[dict[str, float]]:
