@@ -22,7 +22,12 @@ from pallas_kernels.gated_delta_rule import (
     recurrent_gated_delta_rule,
     validate_inputs,
 )
-from pallas_kernels.moe import MoEBlocks, moe_experts_decode, moe_experts_decode_ref
+from pallas_kernels.moe import (
+    MoEBlocks,
+    moe_experts_decode,
+    moe_experts_decode_ref,
+    moe_experts_prefill,
+)
 
 __all__ = [
     "ChunkBlocks",
@@ -39,6 +44,7 @@ __all__ = [
     "l2norm",
     "moe_experts_decode",
     "moe_experts_decode_ref",
+    "moe_experts_prefill",
     "recurrent_gated_delta_rule",
     "validate_conv_inputs",
     "validate_inputs",

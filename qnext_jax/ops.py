@@ -232,22 +232,20 @@ def moe_experts(
     tokens routed to them and the partial sums are combined by one psum (sharding.expert_parallel
     says why psum rather than all-to-all)."""
     N, k = experts.shape
-    decode_kernel = _kernel("pallas_kernels.moe", "moe_experts_decode")
-    max_tokens = _kernel("pallas_kernels.moe", "MAX_TOKENS") or 0
+    have_kernels = _kernel("pallas_kernels.moe", "moe_experts_decode") is not None
     if impl == "auto":
-        # GPU: decode batches (N <= 64 tokens) go through the grouped Pallas GEMV, which reads
-        # each touched expert once; lax.ragged_dot falls back to a dense matmul over all groups
-        # there, so larger batches use the capacity-padded grouped matmul.
+        # GPU: the grouped Pallas kernels (a GEMV per touched expert for decode batches, a
+        # grouped GEMM over row tiles for prefill); lax.ragged_dot falls back to a dense matmul
+        # over all groups there, and the XLA capacity-padded path ("grouped") spends most of
+        # its time scattering rows into [E, C, D].
         if on_gpu():
-            impl = "pallas" if decode_kernel is not None and N <= max_tokens else "grouped"
+            impl = "pallas" if have_kernels else "grouped"
         else:
             impl = "gather" if N * k <= 64 else "ragged"
     if impl not in MOE_IMPLS:
         raise ValueError(f"moe_impl={impl!r}; allowed: 'auto', " + ", ".join(map(repr, MOE_IMPLS)))
-    if impl == "pallas" and (decode_kernel is None or N > max_tokens):
-        raise ValueError(
-            f"moe_impl='pallas' is the decode kernel: at most {max_tokens} tokens per call, got {N}"
-        )
+    if impl == "pallas" and not have_kernels:
+        raise ValueError("moe_impl='pallas' needs the pallas_kernels package, not importable here")
     routed = functools.partial(_routed_experts, impl=impl)
     if shared is not None and not sharding.shared_expert_joins_psum(mesh, shared[0].shape[-1]):
         raise ValueError("shared= is only for meshes where sharding.shared_expert_joins_psum")
@@ -265,7 +263,9 @@ def _routed_experts(x, weights, experts, w_gate_up, w_down, layer=None, *, impl)
     E = w_gate_up.shape[-3]
     here = (experts >= 0) & (experts < E)  # [N,k]
     if impl == "pallas":  # reads a stacked [L, E, ...] in place; foreign ids give zero rows
-        kernel = _kernel("pallas_kernels.moe", "moe_experts_decode")
+        decode = x.shape[0] <= _kernel("pallas_kernels.moe", "MAX_TOKENS")
+        name = "moe_experts_decode" if decode else "moe_experts_prefill"
+        kernel = _kernel("pallas_kernels.moe", name)
         h = kernel(x, experts, w_gate_up, w_down, layer, interpret=not on_gpu())
     else:
         if layer is not None:

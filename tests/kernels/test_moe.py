@@ -1,4 +1,4 @@
-"""Pallas decode MoE (grouped gate_up + down) vs the pure-jnp reference.
+"""Pallas MoE (grouped gate_up + down; decode and prefill tilings) vs the pure-jnp reference.
 
 Small experts (D=64..128, F=32..64, E=8..16) keep the interpret-mode runs quick; the cases cover
 one token, odd token counts, N > 16 (32 rows per program) with all tokens on one expert (a run
@@ -8,13 +8,20 @@ bf16 and fp32, weights stored in another dtype than x, and the contract violatio
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from kernel_utils import INTERPRET, TOL, rel_err, run
 
-from pallas_kernels.moe import MoEBlocks, moe_experts_decode, moe_experts_decode_ref
+from pallas_kernels.moe import (
+    MoEBlocks,
+    moe_experts_decode,
+    moe_experts_decode_ref,
+    moe_experts_prefill,
+)
 
 # Blocks below the 64-wide test dimensions, so every program loops over several chunks.
 SMALL = MoEBlocks(block_f=16, block_d=32, block_dout=32, block_fin=16)
@@ -129,3 +136,75 @@ def test_contract_violations_raise():
     with pytest.raises(ValueError, match="multiple of 16"):  # F = 40: largest block is 8
         w_gu, w_d = jnp.zeros((8, 64, 80), x.dtype), jnp.zeros((8, 40, 64), x.dtype)
         moe_experts_decode(x, experts, w_gu, w_d, **kw)
+
+
+# ---- prefill: the pairs sorted by expert, tiles of block_m rows ----------------------------
+SMALL_TILES = dataclasses.replace(SMALL, block_m=16)
+
+
+def _prefill(x, experts, w_gate_up, w_down, layer=None, blocks=SMALL_TILES):
+    return run(
+        moe_experts_prefill,
+        x,
+        experts,
+        w_gate_up,
+        w_down,
+        layer,
+        interpret=INTERPRET,
+        blocks=blocks,
+    )
+
+
+@pytest.mark.parametrize(
+    "N, k, E, D, F, dtype, off_device",
+    [
+        (1, 2, 8, 64, 32, jnp.float32, 0.0),  # one pair per tile
+        (40, 3, 8, 64, 32, jnp.float32, 0.2),  # ~15 rows per expert: partial tiles
+        (70, 2, 4, 64, 64, jnp.bfloat16, 0.0),  # ~35 rows per expert: 3 tiles each
+        (33, 4, 16, 128, 32, jnp.bfloat16, 0.5),  # half the ids on another device
+    ],
+)
+def test_prefill_matches_reference(N, k, E, D, F, dtype, off_device):
+    args = moe_inputs(N, k, E, D, F, dtype, seed=N * k, off_device=off_device)
+    h = _prefill(*args)
+    assert h.shape == (N, k, D) and h.dtype == jnp.float32
+    assert rel_err(h, run(moe_experts_decode_ref, *args)) < TOL[dtype]
+
+
+def test_prefill_one_expert_takes_many_tiles_and_others_none():
+    """50 tokens on expert 2 in slot 0 (4 tiles of 16, the last with 2 rows); the other slot
+    spread; experts 6 and 7 untouched; id -1 and E give zero rows."""
+    x, experts, w_gate_up, w_down = moe_inputs(50, 2, 8, 64, 32, jnp.float32, seed=7)
+    experts = experts.at[:, 0].set(2)
+    experts = experts.at[:, 1].set(jnp.where(experts[:, 1] >= 2, experts[:, 1] % 2, experts[:, 1]))
+    experts = experts.at[3, 1].set(-1).at[9, 1].set(8)
+    h = _prefill(x, experts, w_gate_up, w_down)
+    assert rel_err(h, run(moe_experts_decode_ref, x, experts, w_gate_up, w_down)) < TOL[jnp.float32]
+    assert np.all(np.asarray(h)[[3, 9], 1] == 0.0)
+    # a row's result does not depend on its neighbours in the tile
+    h1 = _prefill(x[20:21], experts[20:21], w_gate_up, w_down)
+    assert rel_err(h[20], h1[0]) < TOL[jnp.float32]
+
+
+def test_prefill_reads_a_layer_of_a_stack_and_equals_decode():
+    """Stacked [L, E, ...] weights with a layer index equal the layer's own weights; the
+    prefill tiling equals the decode kernel on the same few tokens."""
+    x, experts, w_gate_up, w_down = moe_inputs(24, 3, 8, 64, 32, jnp.float32, seed=8)
+    stack_gu = jnp.stack([w_gate_up * 0.5, w_gate_up, -w_gate_up])
+    stack_d = jnp.stack([w_down, w_down * 2, w_down])
+    h = _prefill(x, experts, stack_gu, stack_d, jnp.int32(1))
+    want = run(moe_experts_decode_ref, x, experts, w_gate_up, w_down * 2)
+    assert rel_err(h, want) < TOL[jnp.float32]
+    assert rel_err(h, _kernel(x, experts, w_gate_up, w_down * 2)) < TOL[jnp.float32]
+
+
+def test_prefill_contract_violations_raise():
+    x, experts, w_gate_up, w_down = moe_inputs(2, 2, 8, 64, 32, jnp.float32)
+    kw = dict(interpret=INTERPRET)
+    with pytest.raises(ValueError, match="block_m=24 must be a power of 2"):
+        blocks = dataclasses.replace(SMALL, block_m=24)
+        moe_experts_prefill(x, experts, w_gate_up, w_down, blocks=blocks, **kw)
+    with pytest.raises(ValueError, match="experts must be"):
+        moe_experts_prefill(x, experts[:1], w_gate_up, w_down, **kw)
+    with pytest.raises(ValueError, match="need `layer`"):
+        moe_experts_prefill(x, experts, w_gate_up[None], w_down[None], **kw)

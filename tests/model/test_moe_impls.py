@@ -45,13 +45,13 @@ def test_unknown_impl_is_rejected(moe_inputs):
         ops.moe_experts(*moe_inputs, impl="fast")
 
 
-def test_pallas_decode_path_is_bounded(moe_inputs):
+def test_pallas_takes_the_grouped_gemm_above_64_tokens(moe_inputs):
+    """74 tokens (above the decode kernel's 64) run through the prefill grouped GEMM."""
     x, weights, experts, gate_up, down = moe_inputs
-    many = jnp.tile(x, (2, 1))  # 74 tokens: above the decode kernel's 64
-    with pytest.raises(ValueError, match="at most 64 tokens"):
-        ops.moe_experts(
-            many, jnp.tile(weights, (2, 1)), jnp.tile(experts, (2, 1)), gate_up, down, impl="pallas"
-        )
+    many = (jnp.tile(x, (2, 1)), jnp.tile(weights, (2, 1)), jnp.tile(experts, (2, 1)))
+    ref = ops.moe_experts(*many, gate_up, down, impl="dense")
+    got = ops.moe_experts(*many, gate_up, down, impl="pallas")
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_scanned_model_reads_expert_stacks_in_place():

@@ -58,16 +58,20 @@ def test_sharded_forward_equals_unsharded(tp, ep):
     assert np.max(np.abs(got - want)) / np.max(np.abs(want)) <= 1e-5
 
 
-@pytest.mark.parametrize("impl", ["gather", "ragged", "dense", "grouped", "pallas"])
-def test_expert_parallel_moe_equals_unsharded(impl):
+@pytest.mark.parametrize(
+    "impl, N",
+    [("gather", 40), ("ragged", 40), ("dense", 40), ("grouped", 40), ("pallas", 40)]
+    + [("pallas", 80)],  # above 64 tokens: the prefill grouped GEMM
+)
+def test_expert_parallel_moe_equals_unsharded(impl, N):
     """Every expert path inside the expert-parallel shard_map (the forward tests hit only the
     decode-size gather path), on 8 devices with 2 experts each and a (4, 2) mesh."""
     from qnext_jax import ops
     from qnext_jax.moe import route
 
     ks = jax.random.split(jax.random.key(4), 4)
-    x = jax.random.normal(ks[0], (40, 16))
-    weights, experts = route(jax.random.normal(ks[1], (40, 16)), 3, True)
+    x = jax.random.normal(ks[0], (N, 16))
+    weights, experts = route(jax.random.normal(ks[1], (N, 16)), 3, True)
     # F = 16: the Pallas path's smallest block
     gu, down = jax.random.normal(ks[2], (16, 16, 32)), jax.random.normal(ks[3], (16, 16, 16))
     want = ops.moe_experts(x, weights, experts, gu, down, impl=impl)

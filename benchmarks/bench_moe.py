@@ -1,0 +1,172 @@
+"""Routed experts of one MoE layer on the GPU: the grouped Pallas kernels vs the XLA paths, on
+the 80B geometry (D=2048, F=512, k=10), bf16, random top-k routing.
+
+  python benchmarks/bench_moe.py [--sweep]       # on the GPU
+  python benchmarks/bench_moe.py --dry-run       # tiny shapes, interpret mode, on the CPU
+
+Cases: decode (N = 1 / 16 / 64 tokens, E = 512: the Pallas GEMV vs XLA's gather of the touched
+experts) and prefill (N = 1K / 8K tokens with E = 256 experts on this device, the other half of
+the ids held by another device as under 2-way expert parallelism; and N = 16K with all 512,
+one GPU: the Pallas grouped GEMM vs the capacity-padded XLA grouped matmul). Floors: decode,
+the touched experts' bytes at 4.3 TB/s; prefill, the expert FLOPs of the local pairs at the
+XLA bf16 matmul ceiling, 770 TFLOP/s (shared/spec/anchors.md). Times: the median of `reps`
+calls of one jitted program that runs the layer `inner` times back to back (so host dispatch
+is amortised), per call. --sweep times a few prefill block shapes at N = 8K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels.moe import (  # noqa: E402
+    PREFILL_BLOCKS,
+    MoEBlocks,
+    moe_experts_decode,
+    moe_experts_decode_ref,
+    moe_experts_prefill,
+)
+from qnext_jax import ops  # noqa: E402
+
+HBM_BPS = 4.3e12  # device-to-device copy on the H200 (anchors.md)
+MMA_FLOPS = 7.7e14  # bf16 matmul through XLA (anchors.md)
+
+
+def inputs(N, E_all, E_here, D, F, k, seed=0):
+    """x [N, D] bf16; experts [N, k]: top-k of random logits over E_all, ids >= E_here set to
+    E_here (another device's); weights [E_here, D, 2F], [E_here, F, D] bf16."""
+    key = jax.random.split(jax.random.key(seed), 4)
+    x = jax.random.normal(key[0], (N, D), jnp.bfloat16)
+    _, ids = jax.lax.top_k(jax.random.normal(key[1], (N, E_all)), k)
+    ids = jnp.where(ids < E_here, ids, E_here).astype(jnp.int32)
+    w_gu = (jax.random.normal(key[2], (E_here, D, 2 * F)) * D**-0.5).astype(jnp.bfloat16)
+    w_d = (jax.random.normal(key[3], (E_here, F, D)) * F**-0.5).astype(jnp.bfloat16)
+    return x, ids, w_gu, w_d
+
+
+def time_per_call(fn, args, inner: int, reps: int) -> float:
+    """Seconds per call of fn(*args): `inner` calls chained in one jitted loop (each call's x
+    depends on the previous output, so none is hoisted), median over reps."""
+
+    @jax.jit
+    def loop(x, *rest):
+        def body(_, x):
+            h = fn(x, *rest)
+            return x + (jnp.sum(h, axis=1) * 1e-30).astype(x.dtype)
+
+        return jax.lax.fori_loop(0, inner, body, x)
+
+    jax.block_until_ready(loop(*args))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(loop(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) / inner
+
+
+def grouped_xla(x, experts, w_gu, w_d):
+    E = w_gu.shape[0]
+    ids = jnp.where((experts >= 0) & (experts < E), experts, E)
+    return ops._expert_grouped(x, ids, w_gu, w_d)
+
+
+def gather_xla(x, experts, w_gu, w_d):
+    return ops._expert_gather(x, jnp.clip(experts, 0, w_gu.shape[0] - 1), w_gu, w_d)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dry-run", action="store_true")
+    args = ap.parse_args()
+    dry = args.dry_run
+    D, F, k, E = (64, 32, 4, 16) if dry else (2048, 512, 10, 512)
+    interp = dict(interpret=dry)
+    small = dict(block_f=16, block_d=32, block_dout=32, block_fin=16) if dry else {}
+    dec_blocks = dataclasses.replace(MoEBlocks(), **small)
+    pre_blocks = dataclasses.replace(PREFILL_BLOCKS, **small, **({"block_m": 16} if dry else {}))
+    decode = functools.partial(moe_experts_decode, blocks=dec_blocks, **interp)
+    prefill = functools.partial(moe_experts_prefill, blocks=pre_blocks, **interp)
+    inner = 1 if dry else 10
+    reps = 1 if dry else args.reps
+    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}", flush=True)
+
+    rows = []
+    # decode: the touched experts' bytes are the floor
+    for N in (1, 4) if dry else (1, 16, 64):
+        a = inputs(N, E, E, D, F, k)
+        touched = len(np.unique(np.asarray(a[1])))
+        floor = touched * 3 * D * F * 2 / HBM_BPS
+        ours = time_per_call(decode, a, inner, reps)
+        xla = time_per_call(gather_xla, a, inner, reps)
+        err = float(jnp.max(jnp.abs(decode(*a) - moe_experts_decode_ref(*a))))
+        rows.append((f"decode N={N} E={E}", ours, "XLA gather", xla, floor, err))
+        print(rows[-1], flush=True)
+    # prefill: the local pairs' FLOPs at the matmul ceiling are the floor
+    cases = [(64, E, E // 2), (200, E, E)] if dry else [(1024, E, E // 2), (8192, E, E // 2),
+                                                       (16384, E, E)]  # fmt: skip
+    for N, E_all, E_here in cases:
+        a = inputs(N, E_all, E_here, D, F, k)
+        pairs = int(jnp.sum(a[1] < E_here))
+        floor = pairs * 3 * D * F * 2 / MMA_FLOPS
+        ours = time_per_call(prefill, a, inner, reps)
+        xla = time_per_call(grouped_xla, a, inner, reps)
+        h = prefill(*a)
+        err = float(jnp.max(jnp.abs(h - moe_experts_decode_ref(*a))) / jnp.max(jnp.abs(h)))
+        rows.append((f"prefill N={N} E={E_here}/{E_all}", ours, "XLA grouped", xla, floor, err))
+        print(rows[-1], flush=True)
+
+    if args.sweep:
+        N = 64 if dry else 8192
+        a = inputs(N, E, E // 2, D, F, k)
+        grid = (
+            [dict(block_m=16)]
+            if dry
+            else [
+                dict(block_m=64, block_f=64, block_d=64, num_warps=4, num_stages=3),
+                dict(block_m=64, block_f=64, block_d=64, num_warps=4, num_stages=4),
+                dict(block_m=128, block_f=64, block_d=64, num_warps=8, num_stages=3),
+                dict(block_m=128, block_f=128, block_d=32, num_warps=8, num_stages=3),
+                dict(block_m=64, block_f=128, block_d=64, num_warps=8, num_stages=3),
+                dict(
+                    block_m=128, block_f=64, block_d=64, block_dout=256, num_warps=8, num_stages=3
+                ),  # fmt: skip
+                dict(block_m=32, block_f=64, block_d=128, num_warps=4, num_stages=3),
+            ]
+        )
+        print(f"\nprefill block sweep, N={N}:")
+        for g in grid:
+            b = dataclasses.replace(pre_blocks, **g)
+            try:
+                t = time_per_call(functools.partial(moe_experts_prefill, blocks=b, **interp),
+                                  a, inner, reps)  # fmt: skip
+                print(f"  {g}: {t * 1e3:.3f} ms", flush=True)
+            except Exception as e:  # a shape the compiler rejects (shared memory, registers)
+                print(f"  {g}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+
+    print("\n| case | ours ms | anchor | anchor ms | ours / anchor | floor ms | ours / floor "
+          "| max rel err vs ref |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for name, ours, anchor, xla, floor, err in rows:
+        print(
+            f"| {name} | {ours * 1e3:.3f} | {anchor} | {xla * 1e3:.3f} | {ours / xla:.2f} | "
+            f"{floor * 1e3:.3f} | {ours / floor:.2f} | {err:.1e} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""Routed experts as two grouped Pallas (Triton backend) kernels, for decode and for prefill.
+
+Outside the kernels (a few XLA ops) the N * k (token, slot) pairs are grouped by expert, so each
+expert's rows are one contiguous run, and the runs are cut into row tiles of one expert each.
+Kernel 1 (gate_up + SwiGLU) has a program per (tile, block_f columns of F), kernel 2 (down) one
+per (tile, block_dout columns of D). A program streams its slice of the tile's expert weights
+and multiplies it with the tile's rows (a fixed number of rows, of which those past the tile's
+count are masked); a tile with count 0 (the static grid is an upper bound) exits at once.
+Untouched experts are never read. Program id 0 (the tile) is the fastest-varying launch index,
+so the tiles of one expert run side by side and share each weight block through L2.
+
+Decode (`moe_experts_decode`, N <= 64 tokens) is bound by reading expert weights: one expert
+is 3 * D * F bf16 values (6 MiB at D=2048, F=512), and N tokens touch at most min(E, N * k)
+experts. Each touched expert is one tile of R = next power of two >= N rows (at least 16, the
+smallest tl.dot shape), grouped by compare-and-count without a sort. N = 1, k = 10 touches 10
+experts, 60 MiB, 14.6 us at 4.3 TB/s. H200, bf16, E=512, k=10, per call inside a jitted
+loop: N=1 40 us (the two kernels 15 + 11 us, the rest the grouping ops and launches) vs 64 us
+for the XLA gather of the touched experts; N=16 243 vs 660 us (floor 208); N=64 621 vs 2542 us
+(floor 533).
+
+Prefill (`moe_experts_prefill`, any N) is a grouped matmul: the pairs are sorted by expert and
+each expert's run is cut into tiles of block_m rows, so an expert with c rows costs
+ceil(c / block_m) tiles and the padding is under one tile per touched expert. FLOPs:
+2 * N * k * 3 * D * F; the 8K-token chunk of the 80B geometry (k = 10) is 515 GFLOP per layer.
+(`jax.lax.ragged_dot` falls back to a dense matmul over every group on NVIDIA GPUs.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from pallas_kernels.moe.reference import validate_moe_inputs
+
+MAX_TOKENS = 64  # R = 64 rows held per program; larger batches belong to a grouped matmul
+_MIN_ROWS = 16  # tl.dot needs every operand dimension >= 16
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEBlocks:
+    """Block sizes (powers of 2 >= 16; each is capped at the largest power of 2 dividing its
+    dimension). block_f: F columns of gate and of up per gate_up program; block_d: the D chunk
+    of the gate_up reduction; block_dout: D columns per down program; block_fin: the F chunk
+    of the down reduction. Defaults from an H200 sweep (E=512, D=2048, F=512, k=10, bf16):
+    block_f=64 reads 128-byte pieces of each [2F] weight row (32: 64 B, about 10% slower at
+    N=1); 4 stages keep loads in flight (the rows of a 64-token batch still fit in shared
+    memory); splitting D across programs gained nothing at N=1, so there is no split."""
+
+    block_f: int = 64
+    block_d: int = 128
+    block_dout: int = 128
+    block_fin: int = 128
+    num_warps: int = 4
+    num_stages: int = 4
+    block_m: int = 64  # rows per tile (prefill only; decode tiles hold R rows)
+
+
+# Prefill: tiles of 64 rows; the reduction chunks are smaller than decode's so that 3 stages
+# of (64 rows + 2 weight blocks) fit in shared memory.
+PREFILL_BLOCKS = MoEBlocks(block_d=64, block_fin=64, num_stages=3)
+
+
+def _compiler_params(blocks: MoEBlocks):
+    try:
+        return plt.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    except AttributeError:  # pragma: no cover - older / newer jax
+        return None
+
+
+def _gate_up_kernel(
+    expert_ref, count_ref, start_ref, x_ref, w_ref, h_ref, *, rows, block_f, block_d
+):
+    # expert_ref, count_ref, start_ref [U] int32: slot s runs expert e on the grouped rows
+    #   [start, start + cnt) (cnt = 0: an empty slot)
+    # x_ref [M + R, D] grouped rows (R zero rows of padding)  w_ref [E, D, 2F] gate | up
+    # out: h_ref [M + R, F] silu(gate) * up in x's dtype; rows of other slots left untouched
+    s, f = pl.program_id(0), pl.program_id(1)
+    e, cnt, start = expert_ref[s], count_ref[s], start_ref[s]
+    F = h_ref.shape[1]
+
+    @pl.when(cnt > 0)
+    def _run():
+        mine = (jnp.arange(rows) < cnt)[:, None]  # [R, 1]: rows past cnt are the next expert's
+        gate = pl.ds(f * block_f, block_f)
+        up = pl.ds(F + f * block_f, block_f)
+
+        def body(i, acc):
+            d = pl.ds(pl.multiple_of(i * block_d, block_d), block_d)
+            xs = plt.load(x_ref.at[pl.ds(start, rows), d], mask=mine, other=0)  # [R, BD]
+            wg = w_ref[e, d, gate].astype(xs.dtype)  # [BD, BF]
+            wu = w_ref[e, d, up].astype(xs.dtype)
+            acc_g, acc_u = acc
+            acc_g += jnp.dot(xs, wg, preferred_element_type=jnp.float32)
+            acc_u += jnp.dot(xs, wu, preferred_element_type=jnp.float32)
+            return acc_g, acc_u
+
+        zeros = jnp.zeros((rows, block_f), jnp.float32)
+        n_chunks = x_ref.shape[1] // block_d
+        acc_g, acc_u = jax.lax.fori_loop(0, n_chunks, body, (zeros, zeros))
+        act = (jax.nn.silu(acc_g) * acc_u).astype(h_ref.dtype)  # [R, BF], rounded as the ref
+        plt.store(h_ref.at[pl.ds(start, rows), gate], act, mask=mine)
+
+
+def _down_kernel(
+    expert_ref, count_ref, start_ref, h_ref, w_ref, y_ref, *, rows, block_dout, block_fin
+):
+    # expert_ref, count_ref, start_ref [U] int32 as above  h_ref [M + R, F] silu(gate) * up
+    # w_ref [E, F, D]  ->  y_ref [M + R, D] fp32; rows of other slots untouched
+    s, o = pl.program_id(0), pl.program_id(1)
+    e, cnt, start = expert_ref[s], count_ref[s], start_ref[s]
+    out = pl.ds(o * block_dout, block_dout)
+
+    @pl.when(cnt > 0)
+    def _run():
+        mine = (jnp.arange(rows) < cnt)[:, None]  # [R, 1]
+
+        def body(i, acc):
+            f = pl.ds(pl.multiple_of(i * block_fin, block_fin), block_fin)
+            # Masked: h rows past the last slot's run were never written (uninitialised).
+            hs = plt.load(h_ref.at[pl.ds(start, rows), f], mask=mine, other=0)  # [R, BFin]
+            wd = w_ref[e, f, out].astype(hs.dtype)  # [BFin, BO]
+            return acc + jnp.dot(hs, wd, preferred_element_type=jnp.float32)
+
+        n_chunks = h_ref.shape[1] // block_fin
+        acc = jax.lax.fori_loop(0, n_chunks, body, jnp.zeros((rows, block_dout), jnp.float32))
+        plt.store(y_ref.at[pl.ds(start, rows), out], acc, mask=mine)
+
+
+def _block(name: str, want: int, dim: int, dim_name: str) -> int:
+    """want capped at the largest power of 2 dividing dim; ValueError if not a legal block."""
+    if want < 1 or want & (want - 1):
+        raise ValueError(f"{name}={want} must be a power of 2")
+    b = min(want, dim & -dim)
+    if b < _MIN_ROWS:
+        raise ValueError(
+            f"{name}: {dim_name}={dim} must be a multiple of {_MIN_ROWS} (the smallest "
+            f"tl.dot shape); a block of {b} would divide it"
+        )
+    return b
+
+
+def _group_by_expert(x, experts, E: int, R: int):
+    """Decode grouping: the (token, slot) pairs grouped by expert, by compare-and-count over the
+    M = N * k <= 640 pairs (no sort: a few fused XLA ops; argsort + bincount + nonzero were 15 us
+    slower at N=1); one tile per touched expert.
+
+    Returns pos [M] (a permutation: the grouped row of each pair, ids outside [0, E) last);
+    tiles = (expert, count, start) [U] int32, U = min(E, M): the touched experts in increasing
+    order, then empty tiles of count 0; x_grouped [M + R, D] (R zero rows at the end, so a run
+    of R rows from any start stays inside the array)."""
+    N, k = experts.shape
+    M, U = N * k, min(E, N * k)
+    flat = experts.reshape(-1).astype(jnp.int32)
+    ids = jnp.where((flat >= 0) & (flat < E), flat, E)  # [M]; E: not here, grouped last
+    counts = jnp.sum(ids == jnp.arange(E + 1)[:, None], axis=1, dtype=jnp.int32)  # [E + 1]
+    starts = jnp.cumsum(counts) - counts  # [E + 1]
+    same_before = jnp.tril(ids[:, None] == ids[None, :], -1)  # [M, M]: same id, earlier pair
+    pos = starts[ids] + jnp.sum(same_before, axis=1, dtype=jnp.int32)  # stable within an id
+    x_grouped = jnp.zeros((M + R, x.shape[1]), x.dtype).at[pos].set(x[jnp.arange(M) // k])
+    # Tile u runs the (u+1)-th touched expert: the number of experts e with at most u touched
+    # experts in 0..e (E when fewer than u + 1 are touched: an empty tile).
+    n_touched = jnp.cumsum(counts[:E] > 0)  # [E]
+    expert = jnp.sum(n_touched <= jnp.arange(U)[:, None], axis=1, dtype=jnp.int32)  # [U]
+    count = jnp.where(expert < E, counts[expert], 0)
+    expert = jnp.minimum(expert, E - 1)
+    return pos, (expert, count, starts[expert]), x_grouped
+
+
+def _group_by_sort(x, experts, E: int, block_m: int):
+    """Prefill grouping: the pairs sorted by expert (stable), each expert's run cut into tiles
+    of block_m rows. Returns pos [M], tiles (expert, count, start) [T] int32 with
+    T = ceil(M / block_m) + min(E, M), an upper bound on the tiles (each touched expert wastes
+    less than one), and x_grouped [M + block_m, D], as `_group_by_expert`."""
+    N, k = experts.shape
+    M = N * k
+    flat = experts.reshape(-1).astype(jnp.int32)
+    ids = jnp.where((flat >= 0) & (flat < E), flat, E)
+    order = jnp.argsort(ids, stable=True).astype(jnp.int32)  # grouped row -> pair
+    pos = jnp.zeros((M,), jnp.int32).at[order].set(jnp.arange(M, dtype=jnp.int32))
+    x_grouped = jnp.concatenate([x[order // k], jnp.zeros((block_m, x.shape[1]), x.dtype)])
+    counts = jnp.zeros((E,), jnp.int32).at[ids].add(1, mode="drop")  # ids == E dropped
+    starts = jnp.cumsum(counts) - counts
+    n_tiles = (counts + block_m - 1) // block_m  # [E]
+    tiles_end = jnp.cumsum(n_tiles)
+    T = -(-M // block_m) + min(E, M)
+    t = jnp.arange(T, dtype=jnp.int32)
+    expert = jnp.searchsorted(tiles_end, t, side="right").astype(jnp.int32)  # E: past the last
+    e = jnp.minimum(expert, E - 1)
+    j = t - (tiles_end[e] - n_tiles[e])  # the tile's index within its expert's run
+    count = jnp.where(expert < E, jnp.clip(counts[e] - j * block_m, 0, block_m), 0)
+    return pos, (e, count, starts[e] + j * block_m), x_grouped
+
+
+def _check_stack(w_gate_up, w_down, layer):
+    """(L, per-layer shapes) of expert weights given whole ([E, ...]) or stacked over layers
+    ([L, E, ...], with `layer`)."""
+    stacked = w_gate_up.ndim == 4
+    if stacked != (layer is not None) or (stacked and w_down.ndim != 4):
+        raise ValueError(
+            "w_gate_up / w_down stacked over layers ([L, E, ...], got shapes "
+            f"{tuple(w_gate_up.shape)}, {tuple(w_down.shape)}) need `layer`, and only they do "
+            f"(layer={'given' if layer is not None else None})"
+        )
+    if stacked and w_gate_up.shape[0] != w_down.shape[0]:
+        raise ValueError(
+            f"w_gate_up {tuple(w_gate_up.shape)} and w_down {tuple(w_down.shape)} must stack "
+            "the same number of layers"
+        )
+    L = w_gate_up.shape[0] if stacked else 1
+    return L, [jax.ShapeDtypeStruct(w.shape[stacked:], w.dtype) for w in (w_gate_up, w_down)]
+
+
+def _grouped_experts(x, experts, w_gate_up, w_down, layer, group, rows, blocks, interpret):
+    """Validate, group the pairs (`group(x, experts, E)` -> pos, tiles, x_grouped), run the two
+    kernels over the tiles of `rows` rows and scatter back to [N, k, D] fp32."""
+    L, per_layer = _check_stack(w_gate_up, w_down, layer)
+    E, D, F = validate_moe_inputs(x, experts, *per_layer)
+    # one layer's experts are rows [layer * E, (layer + 1) * E) of the flattened stack (a
+    # reshape of leading dims: no copy)
+    w_gate_up = w_gate_up.reshape(L * E, D, 2 * F)
+    w_down = w_down.reshape(L * E, F, D)
+    BF = _block("block_f", blocks.block_f, F, "F")
+    BD = _block("block_d", blocks.block_d, D, "D")
+    BO = _block("block_dout", blocks.block_dout, D, "D")
+    BFin = _block("block_fin", blocks.block_fin, F, "F")
+    pos, tiles, x_grouped = group(x, experts, E)
+    if layer is not None:
+        offset = jnp.clip(jnp.asarray(layer, jnp.int32), 0, L - 1) * E
+        tiles = (tiles[0] + offset, *tiles[1:])
+    U, P = tiles[0].shape[0], x_grouped.shape[0]
+
+    whole = pl.BlockSpec()  # the whole array: the kernels index their expert and rows by hand
+    h_grouped = pl.pallas_call(
+        functools.partial(_gate_up_kernel, rows=rows, block_f=BF, block_d=BD),
+        grid=(U, F // BF),
+        in_specs=[whole] * 5,
+        out_specs=whole,
+        out_shape=jax.ShapeDtypeStruct((P, F), x.dtype),
+        compiler_params=_compiler_params(blocks),
+        interpret=interpret,
+        name="moe_gate_up",
+    )(*tiles, x_grouped, w_gate_up)
+    y_grouped = pl.pallas_call(
+        functools.partial(_down_kernel, rows=rows, block_dout=BO, block_fin=BFin),
+        grid=(U, D // BO),
+        in_specs=[whole] * 5,
+        out_specs=whole,
+        out_shape=jax.ShapeDtypeStruct((P, D), jnp.float32),
+        compiler_params=_compiler_params(blocks),
+        interpret=interpret,
+        name="moe_down",
+    )(*tiles, h_grouped, w_down)
+
+    N, k = experts.shape
+    y = y_grouped[pos].reshape(N, k, D)  # back to (token, slot) order
+    here = (experts >= 0) & (experts < E)
+    # Rows of ids not on this device were never written (uninitialised memory): zero them.
+    return jnp.where(here[..., None], y, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "blocks"))
+def moe_experts_decode(
+    x,
+    experts,
+    w_gate_up,
+    w_down,
+    layer=None,
+    *,
+    interpret=False,
+    blocks: MoEBlocks = MoEBlocks(),
+):
+    """Routed experts of a few tokens (N <= 64), reading each touched expert's weights once:
+    one tile per touched expert.
+
+    Args:
+      x: [N, D] bf16 or fp32.
+      experts: [N, k] int ids; an id outside [0, E) (an expert on another device) gives a zero
+        row. The ids of one token must be distinct (top-k routing).
+      w_gate_up: [E, D, 2F] (gate | up); w_down: [E, F, D]; cast to x's dtype in the kernels.
+        Or stacked over layers, [L, E, D, 2F] and [L, E, F, D], with `layer` (an int32
+        scalar, may be traced) picking one: the kernels index the stack directly. Inside a
+        scan over layers this matters: a per-layer slice as a kernel operand is a copy
+        (XLA cannot hand a slice of a buffer to a custom call), i.e. every layer's local
+        experts, all of them, copied every step.
+    Returns:
+      h [N, k, D] fp32: (silu(x @ Wg) * (x @ Wu)) @ Wd per (token, slot), as
+      `moe_experts_decode_ref` (products in x's dtype, fp32 sums, silu * up rounded to x's
+      dtype). The caller applies the routing weights and sums over k.
+    """
+    N, k = experts.shape
+    if not 1 <= N <= MAX_TOKENS or k < 1:
+        raise ValueError(
+            f"experts must be [N, k] with 1 <= N <= {MAX_TOKENS} tokens and k >= 1, got "
+            f"{tuple(experts.shape)} (decode kernel: next_pow2(N) rows per expert program; "
+            "more tokens: moe_experts_prefill)"
+        )
+    R = max(_MIN_ROWS, pl.next_power_of_2(N))
+    group = functools.partial(_group_by_expert, R=R)
+    return _grouped_experts(x, experts, w_gate_up, w_down, layer, group, R, blocks, interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "blocks"))
+def moe_experts_prefill(
+    x,
+    experts,
+    w_gate_up,
+    w_down,
+    layer=None,
+    *,
+    interpret=False,
+    blocks: MoEBlocks = PREFILL_BLOCKS,
+):
+    """Routed experts of any number of tokens as a grouped matmul: the pairs sorted by expert,
+    each expert's run cut into tiles of blocks.block_m rows. Arguments and result as
+    `moe_experts_decode`, with any N >= 1."""
+    if experts.ndim != 2 or experts.shape[0] < 1 or experts.shape[1] < 1:
+        raise ValueError(f"experts must be [N, k] with N, k >= 1, got {tuple(experts.shape)}")
+    BM = blocks.block_m
+    if BM < _MIN_ROWS or BM & (BM - 1):
+        raise ValueError(f"block_m={BM} must be a power of 2 >= {_MIN_ROWS}")
+    group = functools.partial(_group_by_sort, block_m=BM)
+    return _grouped_experts(x, experts, w_gate_up, w_down, layer, group, BM, blocks, interpret)
