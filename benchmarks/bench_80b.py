@@ -80,10 +80,10 @@ def build_model(cfg, tp: int, moe_impl: str):
     return model, mesh
 
 
-def with_moe_impl(model, moe_impl: str):
-    """The same parameters under another MoE implementation (a static option)."""
+def with_options(model, **changes):
+    """The same parameters under other runtime options (static: moe_impl, attention_impl)."""
     cfg = model.config
-    opts = dataclasses.replace(model.opts, moe_impl=moe_impl)
+    opts = dataclasses.replace(model.opts, **changes)
     graphdef = nnx.split(nnx.eval_shape(lambda: type(model)(cfg, opts)))[0]
     return nnx.merge(graphdef, nnx.state(model))
 
@@ -179,7 +179,9 @@ def profile_program(jitted, args, run, steps: int):
     return out
 
 
-def prefill_case(model, mesh, tp, tokens: int, chunk: int, vocab: int, profile: bool, reps=3):
+def prefill_case(
+    model, mesh, tp, tokens: int, chunk: int, vocab: int, profile: bool, reps=3, tag=""
+):
     rng = np.random.default_rng(1)
     engine = make_engine(model, mesh, 1, tokens + 16, 1, chunk)
     prompt = list(map(int, rng.integers(0, vocab, tokens + 1)))  # prefill covers prompt[:-1]
@@ -187,7 +189,7 @@ def prefill_case(model, mesh, tp, tokens: int, chunk: int, vocab: int, profile: 
     flops = prefill_flops(model.config, tokens)
     floor = flops / (PEAK_FLOPS * tp)
     row = dict(
-        case=f"prefill {tokens} (chunk {chunk})",
+        case=f"prefill {tokens} (chunk {chunk}){tag}",
         ours_ms=steady * 1e3,
         floor_ms=floor * 1e3,
         ratio=steady / floor,
@@ -288,6 +290,9 @@ def main():
     ap.add_argument("--profile-batch", type=int, nargs="*", default=[1, 64])
     ap.add_argument("--profile-prefill", type=int, nargs="*", default=[8192])
     ap.add_argument("--moe-impl", nargs="+", default=["auto"], help="decode cases per impl")
+    ap.add_argument(
+        "--attention-impl", nargs="+", default=["auto"], help="prefill cases per attention impl"
+    )
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--slots", type=int, default=0, help="engine slots (default: the batch)")
     ap.add_argument("--reps", type=int, default=3)
@@ -343,7 +348,7 @@ def main():
             cfg.vocab_size,
         )
     for impl in args.moe_impl:
-        m = model if impl == args.moe_impl[0] else with_moe_impl(model, impl)
+        m = model if impl == args.moe_impl[0] else with_options(model, moe_impl=impl)
         tag = "" if len(args.moe_impl) == 1 else f" moe={impl}"
         for b in args.batch:
             guarded(
@@ -375,18 +380,22 @@ def main():
             False,
             cfg.vocab_size,
         )
-    for n in args.prefill:
-        guarded(
-            prefill_case,
-            f"prefill {n}",
-            model,
-            mesh,
-            args.tp,
-            n,
-            min(args.prefill_chunk, n),
-            cfg.vocab_size,
-            n in args.profile_prefill,
-        )
+    for impl in args.attention_impl:
+        m = model if impl == "auto" else with_options(model, attention_impl=impl)
+        tag = "" if impl == "auto" else f" attention={impl}"
+        for n in args.prefill:
+            guarded(
+                prefill_case,
+                f"prefill {n}{tag}",
+                m,
+                mesh,
+                args.tp,
+                n,
+                min(args.prefill_chunk, n),
+                cfg.vocab_size,
+                n in args.profile_prefill,
+                tag=tag,
+            )
     print_table(meta)
     if args.json:
         with open(args.json, "w") as fh:

@@ -114,12 +114,16 @@ def conv_per_shard(kernel, mesh, x, weight, initial_state, **kw):
 
 
 # ---- attention -----------------------------------------------------------------------------
-ATTENTION_IMPLS = ("dense", "blockwise")
+ATTENTION_IMPLS = ("dense", "blockwise", "cudnn")
 # Score bytes (fp32, all heads and rows) one dense call or one key block may hold: above it,
 # "auto" walks the keys in blocks (a 256K cache under an 8K-token prefill chunk would otherwise
 # need a 64 GiB score matrix per GPU).
 SCORE_BYTES = 1 << 28
 MIN_KEY_BLOCK = 256
+# cuDNN's fused attention takes the position mask as a bf16 bias [B, 1, T, S]: "auto" uses it
+# for prefill chunks (T > 1, bf16 / fp16) on the GPU while that bias stays under this size
+# (an 8K chunk over an 8K cache: 128 MiB); longer caches go blockwise.
+BIAS_BYTES = 1 << 30
 
 
 def attention(q, k, v, q_pos, k_pos, *, scale: float, impl: str = "auto"):
@@ -129,11 +133,23 @@ def attention(q, k, v, q_pos, k_pos, *, scale: float, impl: str = "auto"):
     Softmax in fp32; KV heads are never repeated (query heads grouped per KV head); a query
     that sees no key gets zeros. impl: "dense" (one score matrix), "blockwise" (flash-style
     online softmax over key blocks, blocks no query can see skipped), "auto" (dense while the
-    scores fit in SCORE_BYTES)."""
+    scores fit in SCORE_BYTES), "cudnn" (cuDNN's fused flash attention through
+    jax.nn.dot_product_attention, the visibility mask as a bias; GPU, bf16 / fp16 only).
+    "auto" takes cudnn for prefill chunks on the GPU while the bias fits in BIAS_BYTES."""
     if impl not in ("auto", *ATTENTION_IMPLS):
         raise ValueError(f"attention impl={impl!r}; allowed: 'auto', {ATTENTION_IMPLS}")
     B, T, H, _ = q.shape
     S = k.shape[1]
+    half = q.dtype in (jnp.bfloat16, jnp.float16)
+    if impl == "auto" and on_gpu() and half and T > 1 and B * T * S * 2 <= BIAS_BYTES:
+        impl = "cudnn"
+    if impl == "cudnn":
+        if not on_gpu() or not half:
+            raise ValueError(
+                f"attention impl='cudnn' needs a GPU and bf16 / fp16 inputs; got backend "
+                f"{jax.default_backend()!r}, q dtype {q.dtype}"
+            )
+        return _attention_cudnn(q, k, v, q_pos, k_pos, scale)
     if impl == "dense" or (impl == "auto" and B * H * T * S * 4 <= SCORE_BYTES):
         return _attention_dense(q, k, v, q_pos, k_pos, scale)
     block = SCORE_BYTES // (B * H * T * 4)
@@ -152,6 +168,15 @@ def _attention_dense(q, k, v, q_pos, k_pos, scale):
     probs = jnp.where(visible[:, None, None], probs, 0.0).astype(v.dtype)  # rows with no key
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(B, T, H, D).astype(q.dtype)
+
+
+def _attention_cudnn(q, k, v, q_pos, k_pos, scale):
+    visible = (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0)  # [B,T,S]
+    out = jax.nn.dot_product_attention(
+        q, k, v, mask=visible[:, None], scale=scale, implementation="cudnn"
+    )
+    # a query with no visible key (padding) gets zeros, as the other paths give
+    return jnp.where(jnp.any(visible, axis=-1)[:, :, None, None], out, 0).astype(q.dtype)
 
 
 def _attention_blockwise(q, k, v, q_pos, k_pos, scale, block: int):

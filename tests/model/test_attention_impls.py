@@ -79,3 +79,37 @@ def test_model_decodes_the_same_through_blockwise(base_model, monkeypatch):
     err = rel_err(np.concatenate(pieces, axis=1), full)
     print(f"\n[attention] blockwise incremental vs dense full forward: {err:.2e}")
     assert err <= TOL
+
+
+def test_cudnn_is_refused_off_the_gpu_and_auto_never_picks_it_there():
+    q, k, v, q_pos, k_pos = _inputs()
+    if ops.on_gpu():
+        pytest.skip("the GPU check is test_cudnn_matches_dense")
+    with pytest.raises(ValueError, match="impl='cudnn' needs a GPU"):
+        ops.attention(q, k, v, q_pos, k_pos, scale=0.25, impl="cudnn")
+    auto = ops.attention(q, k, v, q_pos, k_pos, scale=0.25)
+    np.testing.assert_allclose(auto, ops._attention_dense(q, k, v, q_pos, k_pos, 0.25), rtol=TOL)
+
+
+@pytest.mark.skipif(not ops.on_gpu(), reason="cuDNN attention runs on the GPU only")
+def test_cudnn_matches_dense():
+    """bf16, head_dim 256, 8 query heads per KV head, a cache with empty slots and a prefix
+    (queries at the end of each row), padded queries; also a prompt's first chunk (T = S)."""
+    import jax
+
+    H, KVH, D = 16, 2, 256
+    cudnn = jax.jit(lambda *a: ops.attention(*a, scale=D**-0.5, impl="cudnn"))
+    for B, T, S, lengths in ((2, 64, 200, [120, 190]), (1, 256, 256, [256])):
+        rng = np.random.default_rng(T)
+        q = jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.bfloat16)
+        k, v = (jnp.asarray(rng.standard_normal((B, S, KVH, D)), jnp.bfloat16) for _ in "kv")
+        lengths = np.array(lengths)
+        k_pos = np.where(np.arange(S)[None] < lengths[:, None], np.arange(S)[None], -1)
+        q_pos = lengths[:, None] - T + np.arange(T)[None]
+        q_pos[0, -3:] = -2
+        args = (q, k, v, jnp.asarray(q_pos, jnp.int32), jnp.asarray(k_pos, jnp.int32))
+        f32 = [a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args]
+        want = ops._attention_dense(*f32, D**-0.5)
+        got = cudnn(*args)
+        assert float(jnp.abs(got[0, -3:]).max()) == 0.0
+        assert rel_err(np.asarray(got, np.float32), np.asarray(want)) < 2e-2  # bf16 output
