@@ -56,9 +56,12 @@ class GatedAttention(nnx.Module):
         q = constrain(q, ("batch", None, "heads", None), self.mesh)
         k, v = (constrain(a, KV_AXES, self.mesh) for a in (k, v))
 
+        chunk = None  # this call's own K/V, as the cache holds them (ops.attention's `chunk`)
         if cache is None:
             k_all, v_all, k_pos = k, v, positions
         else:
+            pairs = ((k, cache.k), (v, cache.v))
+            chunk = tuple(a.astype(c.dtype).astype(q.dtype) for a, c in pairs)
             S = cache.k.shape[1]
             slot = jnp.where(positions >= 0, positions, S)  # padding -> out of range, dropped
             rows = (jnp.arange(B) if slots is None else slots.rows)[:, None]
@@ -83,6 +86,7 @@ class GatedAttention(nnx.Module):
             k_pos,
             scale=Dh**-0.5,
             impl=self.impl,
+            chunk=chunk,
         )
         out = out.reshape(B, T, H * Dh) * jax.nn.sigmoid(gate)  # the output gate
         return self.o_proj(out), cache

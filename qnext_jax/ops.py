@@ -120,41 +120,110 @@ ATTENTION_IMPLS = ("dense", "blockwise", "cudnn")
 # need a 64 GiB score matrix per GPU).
 SCORE_BYTES = 1 << 28
 MIN_KEY_BLOCK = 256
-# cuDNN's fused attention takes the position mask as a bf16 bias [B, 1, T, S]: "auto" uses it
-# for prefill chunks (T > 1, bf16 / fp16) on the GPU while that bias stays under this size
-# (an 8K chunk over an 8K cache: 128 MiB); longer caches go blockwise.
+# cuDNN's fused flash attention ("cudnn"). Given the chunk's own keys (a prefill chunk at
+# contiguous positions over a cache), it runs as two bias-free calls: the chunk causally against
+# itself and the queries against the cache prefix [0, p0), merged by their log-sum-exps. Other
+# calls pass the position mask as a bf16 bias [B, 1, T, S], which cuDNN reads for every
+# (query, key) block; "auto" takes that form only while the bias stays under BIAS_BYTES (an
+# 8K chunk over an 8K cache: 128 MiB), and only for T >= MIN_CUDNN_QUERIES (prefill chunks;
+# decode and speculative verify passes stay dense).
 BIAS_BYTES = 1 << 30
+MIN_CUDNN_QUERIES = 64
 
 
-def attention(q, k, v, q_pos, k_pos, *, scale: float, impl: str = "auto"):
+def attention(q, k, v, q_pos, k_pos, *, scale: float, impl: str = "auto", chunk=None):
     """Causal GQA attention by position: key s is visible to query t iff 0 <= k_pos[s] <= q_pos[t].
 
     q [B,T,H,D], k/v [B,S,KVH,D], q_pos [B,T], k_pos [B,S] (-1 marks an empty slot).
     Softmax in fp32; KV heads are never repeated (query heads grouped per KV head); a query
     that sees no key gets zeros. impl: "dense" (one score matrix), "blockwise" (flash-style
-    online softmax over key blocks, blocks no query can see skipped), "auto" (dense while the
-    scores fit in SCORE_BYTES), "cudnn" (cuDNN's fused flash attention through
-    jax.nn.dot_product_attention, the visibility mask as a bias; GPU, bf16 / fp16 only).
-    "auto" takes cudnn for prefill chunks on the GPU while the bias fits in BIAS_BYTES."""
+    online softmax over key blocks, blocks no query can see skipped), "cudnn" (cuDNN's fused
+    flash attention; GPU, bf16 / fp16 only), "auto" (cudnn for prefill chunks on the GPU,
+    see BIAS_BYTES; else dense while the scores fit in SCORE_BYTES, else blockwise).
+    chunk: (k_new, v_new) [B,T,KVH,D], the queries' own keys and values, where k / v are a
+    cache that already holds them at index = position (k_pos[b, s] = s). Where each row's
+    queries sit at contiguous positions p0 + t (then right padding, < 0), "cudnn" needs no
+    bias; other rows make the call fall back to the masked form (checked on the device)."""
     if impl not in ("auto", *ATTENTION_IMPLS):
         raise ValueError(f"attention impl={impl!r}; allowed: 'auto', {ATTENTION_IMPLS}")
     B, T, H, _ = q.shape
     S = k.shape[1]
     half = q.dtype in (jnp.bfloat16, jnp.float16)
-    if impl == "auto" and on_gpu() and half and T > 1 and B * T * S * 2 <= BIAS_BYTES:
-        impl = "cudnn"
+    bias_fits = B * T * S * 2 <= BIAS_BYTES
+    if impl == "auto" and on_gpu() and half and T >= MIN_CUDNN_QUERIES:
+        if chunk is not None or bias_fits:
+            impl = "cudnn"
     if impl == "cudnn":
         if not on_gpu() or not half:
             raise ValueError(
                 f"attention impl='cudnn' needs a GPU and bf16 / fp16 inputs; got backend "
                 f"{jax.default_backend()!r}, q dtype {q.dtype}"
             )
-        return _attention_cudnn(q, k, v, q_pos, k_pos, scale)
+        if chunk is None:
+            return _attention_cudnn(q, k, v, q_pos, k_pos, scale)
+        fallback = "cudnn" if bias_fits else "blockwise"
+        return _attention_split(q, *chunk, k, v, q_pos, k_pos, scale, "cudnn", fallback)
     if impl == "dense" or (impl == "auto" and B * H * T * S * 4 <= SCORE_BYTES):
         return _attention_dense(q, k, v, q_pos, k_pos, scale)
     block = SCORE_BYTES // (B * H * T * 4)
     block = min(max(MIN_KEY_BLOCK, 1 << max(block.bit_length() - 1, 0)), S)
     return _attention_blockwise(q, k, v, q_pos, k_pos, scale, block)
+
+
+def _sdpa_lse(q, k, v, q_len, kv_len, *, causal: bool, scale: float, implementation: str):
+    """(out [B,T,H,D], log-sum-exp of the scaled scores [B,T,H] fp32) of softmax attention over
+    the first kv_len[b] keys (top-left causal if `causal`); rows t >= q_len[b] are garbage."""
+    if implementation == "cudnn":
+        # jax.nn.dot_product_attention rounds cuDNN's fp32 log-sum-exp to the output dtype
+        # (bf16: ~0.06 at 16, a 6% error in a merge weight); the function it wraps keeps it.
+        from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+        mask = cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING
+        out, lse = cudnn.dot_product_attention(
+            q, k, v, None, None, q_len, kv_len, scale=scale, mask_type=mask, return_residual=True
+        )
+        return out, jnp.swapaxes(lse, 1, 2).astype(jnp.float32)  # [B,H,T] -> [B,T,H]
+    out, lse = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        scale=scale,
+        is_causal=causal,
+        query_seq_lengths=q_len,
+        key_value_seq_lengths=kv_len,
+        implementation=implementation,
+        return_residual=True,
+    )
+    return out, lse.astype(jnp.float32)
+
+
+def _attention_split(q, k_new, v_new, k, v, q_pos, k_pos, scale, implementation, fallback):
+    """A chunk at contiguous positions p0 + t (t < n; padding after) over a cache holding it at
+    index = position: the chunk against itself (causal) and against the prefix [0, p0), merged
+    as one softmax by their log-sum-exps. Rows that break the layout take `fallback`."""
+    B, T = q_pos.shape
+    t = jnp.arange(T, dtype=jnp.int32)
+    n = jnp.sum(q_pos >= 0, axis=1, dtype=jnp.int32)  # valid queries per row
+    p0 = jnp.maximum(q_pos[:, 0], 0).astype(jnp.int32)
+    valid = t[None] < n[:, None]  # [B, T]
+    contiguous = jnp.all(jnp.where(valid, q_pos == p0[:, None] + t[None], q_pos < 0))
+    sdpa = functools.partial(_sdpa_lse, scale=scale, implementation=implementation)
+
+    def split(_):
+        o_self, lse_self = sdpa(q, k_new, v_new, n, n, causal=True)
+        o_pre, lse_pre = sdpa(q, k, v, n, p0, causal=False)
+        has_prefix = (p0 > 0)[:, None, None]  # [B, 1, 1]; without one the call saw no key
+        lse_pre = jnp.where(has_prefix, lse_pre, -jnp.inf)
+        m = jnp.maximum(lse_self, lse_pre)
+        w_self, w_pre = jnp.exp(lse_self - m)[..., None], jnp.exp(lse_pre - m)[..., None]
+        o_pre = jnp.where(has_prefix[..., None], o_pre.astype(jnp.float32), 0.0)
+        out = (o_self.astype(jnp.float32) * w_self + o_pre * w_pre) / (w_self + w_pre)
+        return jnp.where(valid[:, :, None, None], out, 0.0).astype(q.dtype)
+
+    def masked(_):
+        return attention(q, k, v, q_pos, k_pos, scale=scale, impl=fallback)
+
+    return jax.lax.cond(contiguous, split, masked, None)
 
 
 def _attention_dense(q, k, v, q_pos, k_pos, scale):
@@ -304,7 +373,9 @@ def _routed_experts(x, weights, experts, w_gate_up, w_down, layer=None, *, impl)
             expert = _expert_gather if impl == "gather" else _expert_dense
             h = expert(x, clipped, w_gate_up, w_down)
     h = jnp.where(here[..., None], h.astype(jnp.float32), 0.0)  # [N,k,D]
-    return jnp.einsum("nk,nkd->nd", jnp.where(here, weights, 0.0), h)
+    # a multiply and a sum, not a dot: XLA fuses them with the kernels' row gather into one
+    # pass over the expert outputs (a dot would read a materialised [N,k,D] copy)
+    return jnp.sum(jnp.where(here, weights, 0.0)[..., None] * h, axis=1)
 
 
 def _swiglu(gate_up):

@@ -91,6 +91,40 @@ def test_cudnn_is_refused_off_the_gpu_and_auto_never_picks_it_there():
     np.testing.assert_allclose(auto, ops._attention_dense(q, k, v, q_pos, k_pos, 0.25), rtol=TOL)
 
 
+def _chunk_inputs(dtype=jnp.float32, H=4, KVH=2, D=16, seed=3):
+    """A cache [B=3, S=100] holding each row's chunk at index = position: row 0 has a prefix of
+    30 and 16 queries; row 1 no prefix and 11 queries (then padding); row 2 is all padding."""
+    rng = np.random.default_rng(seed)
+    B, T, S = 3, 16, 100
+    p0, n = np.array([30, 0, 0]), np.array([16, 11, 0])
+    q = jnp.asarray(rng.standard_normal((B, T, H, D)), dtype)
+    k, v = (jnp.asarray(rng.standard_normal((B, S, KVH, D)), dtype) for _ in "kv")
+    t = np.arange(T)
+    q_pos = np.where(t[None] < n[:, None], p0[:, None] + t[None], -2)
+    idx = np.minimum(p0[:, None] + t[None], S - 1)
+    chunk = tuple(jnp.take_along_axis(a, jnp.asarray(idx)[:, :, None, None], 1) for a in (k, v))
+    k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    return q, k, v, jnp.asarray(q_pos, jnp.int32), k_pos, chunk
+
+
+def test_split_chunk_attention_equals_dense():
+    """The chunk-against-itself + prefix split, merged by log-sum-exps (XLA's fused attention
+    standing in for cuDNN on the CPU), equals the dense path; padded queries give zeros."""
+    q, k, v, q_pos, k_pos, chunk = _chunk_inputs()
+    want = ops._attention_dense(q, k, v, q_pos, k_pos, 0.25)
+    got = ops._attention_split(q, *chunk, k, v, q_pos, k_pos, 0.25, "xla", "dense")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(got[1, 11:]).max()) == 0.0 and float(jnp.abs(got[2]).max()) == 0.0
+
+
+def test_split_falls_back_when_positions_are_not_contiguous():
+    q, k, v, q_pos, k_pos, chunk = _chunk_inputs()
+    q_pos = q_pos.at[0, 5].set(60)  # a gap: the split would be wrong, the mask is right
+    want = ops._attention_dense(q, k, v, q_pos, k_pos, 0.25)
+    got = ops._attention_split(q, *chunk, k, v, q_pos, k_pos, 0.25, "xla", "dense")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not ops.on_gpu(), reason="cuDNN attention runs on the GPU only")
 def test_cudnn_matches_dense():
     """bf16, head_dim 256, 8 query heads per KV head, a cache with empty slots and a prefix
@@ -113,3 +147,20 @@ def test_cudnn_matches_dense():
         got = cudnn(*args)
         assert float(jnp.abs(got[0, -3:]).max()) == 0.0
         assert rel_err(np.asarray(got, np.float32), np.asarray(want)) < 2e-2  # bf16 output
+
+
+@pytest.mark.skipif(not ops.on_gpu(), reason="cuDNN attention runs on the GPU only")
+def test_cudnn_chunk_split_matches_dense():
+    """The bias-free split on cuDNN (its fp32 log-sum-exp), head_dim 256, 8:1 GQA, bf16; and
+    the masked fallback for positions with a gap."""
+    import jax
+
+    D = 256
+    q, k, v, q_pos, k_pos, chunk = _chunk_inputs(jnp.bfloat16, H=16, KVH=2, D=D)
+    f32 = [a.astype(jnp.float32) for a in (q, k, v)]
+    attend = jax.jit(lambda *a, chunk: ops.attention(*a, scale=D**-0.5, impl="cudnn", chunk=chunk))
+    for pos in (q_pos, q_pos.at[0, 5].set(60)):
+        want = ops._attention_dense(*f32, pos, k_pos, D**-0.5)
+        got = attend(q, k, v, pos, k_pos, chunk=chunk)
+        assert rel_err(np.asarray(got, np.float32), np.asarray(want)) < 2e-2  # bf16 output
+        assert float(jnp.abs(got[2]).max()) == 0.0
