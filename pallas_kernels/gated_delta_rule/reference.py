@@ -114,6 +114,32 @@ def recurrent_gated_delta_rule(
     return o, final
 
 
+def unit_lower_inverse(m: jax.Array) -> jax.Array:
+    """Inverse of unit lower-triangular matrices m [..., C, C], by doubling the block size:
+    the inverse of [[A, 0], [X, D]] is [[A^-1, 0], [-D^-1 X A^-1, D^-1]], so log2(C) rounds
+    of batched matmuls, no LAPACK call. (jax.scipy.linalg.solve_triangular is a LAPACK custom
+    call on the CPU whose batch loop waits on XLA's intra-op thread pool: two such calls
+    running at once on a 2-thread pool each wait for the other's thread, forever.)"""
+    C, batch = m.shape[-1], m.shape[:-2]
+    P = 1 << max(C - 1, 0).bit_length()  # padded to a power of 2 with an identity block
+    if P != C:
+        pad = jnp.zeros((*batch, P, P), m.dtype).at[..., :C, :C].set(m)
+        m = pad + jnp.diag(jnp.arange(P) >= C).astype(m.dtype)
+    tiles = jnp.ones((*batch, P, 1, 1), m.dtype)  # inverses of the 1 x 1 diagonal blocks
+    s = 1
+    while s < P:  # tiles: the inverses of the P / s diagonal blocks of size s
+        nb = P // (2 * s)
+        blocks = m.reshape(*batch, nb, 2, s, nb, 2, s)
+        x = jnp.diagonal(blocks, axis1=-6, axis2=-3)[..., 1, :, 0, :, :]  # [..., s, s, nb]
+        x = jnp.moveaxis(x, -1, -3)  # [..., nb, s, s]: block (2j+1, 2j)
+        a, d = tiles[..., 0::2, :, :], tiles[..., 1::2, :, :]
+        off = -jnp.einsum("...ij,...jk,...kl->...il", d, x, a, precision=HIGHEST)
+        top = jnp.concatenate([a, jnp.zeros_like(off)], axis=-1)
+        tiles = jnp.concatenate([top, jnp.concatenate([off, d], axis=-1)], axis=-2)
+        s *= 2
+    return tiles[..., 0, :C, :C]
+
+
 def chunk_gated_delta_rule_ref(
     q,
     k,
@@ -166,7 +192,8 @@ def chunk_gated_delta_rule_ref(
     v_c = jnp.moveaxis(v, 2, -2)  # [B,N,H,R,C,V]
     k_c = jnp.moveaxis(k, 2, -2)[:, :, :, None]  # [B,N,H,1,C,K]
     q_c = jnp.moveaxis(q, 2, -2)[:, :, :, None]
-    solve = lambda rhs: jax.scipy.linalg.solve_triangular(m, rhs, lower=True, unit_diagonal=True)
+    m_inv = unit_lower_inverse(m)
+    solve = lambda rhs: jnp.einsum("...ij,...jd->...id", m_inv, rhs, precision=HIGHEST)
     u = solve(beta_c[..., None] * v_c)  # [B,N,H,R,C,V]
     w = solve(beta_c[..., None] * k_c * jnp.exp(gamma)[..., None])  # [B,N,H,R,C,K]
     attn = qk * decay  # [B,N,H,R,C,C]

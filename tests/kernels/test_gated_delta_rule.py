@@ -177,3 +177,28 @@ def test_contract_violations_raise():
             fn(q, k, v, g, beta.astype(jnp.int32), **kw)
         with pytest.raises(ValueError, match="initial_state"):
             fn(q, k, v, g, beta, initial_state=s0[:, :, :4], **kw)
+
+
+@pytest.mark.parametrize("C", [1, 6, 64])
+def test_unit_lower_inverse(C):
+    """The chunked reference's triangular inverse (block doubling; C = 6 is padded to 8)."""
+    import numpy as np
+
+    from pallas_kernels.gated_delta_rule.reference import unit_lower_inverse
+
+    rng = np.random.default_rng(C)
+    m = np.tril(rng.standard_normal((2, 3, C, C)) * 0.3, -1) + np.eye(C)
+    got = np.asarray(unit_lower_inverse(jnp.asarray(m, jnp.float32)))
+    assert rel_err(got, np.linalg.inv(m)) < 1e-6
+
+
+def test_chunked_reference_calls_no_lapack():
+    """No triangular_solve in the chunked reference: on the CPU it is a LAPACK call whose batch
+    loop waits on XLA's intra-op pool, and two at once on a 2-core machine hung the engine."""
+    import jax
+
+    from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule_ref
+
+    q, k, v, g, beta, s0 = gdn_inputs(1, 70, 2, 2, K, V, jnp.float32)
+    jaxpr = str(jax.make_jaxpr(chunk_gated_delta_rule_ref)(q, k, v, g, beta, initial_state=s0))
+    assert "triangular_solve" not in jaxpr
