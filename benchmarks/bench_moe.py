@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from common import HBM_BPS, MATMUL_FLOPS  # noqa: E402
 
 from pallas_kernels.moe import (  # noqa: E402
     PREFILL_BLOCKS,
@@ -39,9 +40,6 @@ from pallas_kernels.moe import (  # noqa: E402
     moe_experts_prefill,
 )
 from qnext_jax import ops  # noqa: E402
-
-HBM_BPS = 4.3e12  # device-to-device copy on the H200 (anchors.md)
-MMA_FLOPS = 7.7e14  # bf16 matmul through XLA (anchors.md)
 
 
 def inputs(N, E_all, E_here, D, F, k, seed=0):
@@ -122,7 +120,7 @@ def main():
     for N, E_all, E_here in cases:
         a = inputs(N, E_all, E_here, D, F, k)
         pairs = int(jnp.sum(a[1] < E_here))
-        floor = pairs * 3 * D * F * 2 / MMA_FLOPS
+        floor = pairs * 3 * D * F * 2 / MATMUL_FLOPS
         ours = time_per_call(prefill, a, inner, reps)
         xla = time_per_call(grouped_xla, a, inner, reps)
         # against the reference on the first 64 tokens (it gathers [N, k, D, 2F] of weights)

@@ -24,6 +24,7 @@ from qnext_jax.config import FULL
 from qnext_jax.sampling import SamplingParams
 
 HBM_BPS = 4.3e12  # H200 device-to-device copy, measured (shared/spec/anchors.md)
+MATMUL_FLOPS = 7.7e14  # H200 bf16 matmul through XLA, measured (shared/spec/anchors.md)
 
 
 # ---- floors ---------------------------------------------------------------------------------

@@ -373,8 +373,8 @@ def _routed_experts(x, weights, experts, w_gate_up, w_down, layer=None, *, impl)
             expert = _expert_gather if impl == "gather" else _expert_dense
             h = expert(x, clipped, w_gate_up, w_down)
     h = jnp.where(here[..., None], h.astype(jnp.float32), 0.0)  # [N,k,D]
-    # a multiply and a sum, not a dot: XLA fuses them with the kernels' row gather into one
-    # pass over the expert outputs (a dot would read a materialised [N,k,D] copy)
+    # a multiply and a sum rather than a dot, so XLA may fuse them with the kernels' row
+    # gather (no change measured in the 80B's 8K prefill; decode not measured separately)
     return jnp.sum(jnp.where(here, weights, 0.0)[..., None] * h, axis=1)
 
 

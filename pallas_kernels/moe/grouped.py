@@ -60,8 +60,9 @@ class MoEBlocks:
     block_m: int = 64  # rows per tile (prefill only; decode tiles hold R rows)
 
 
-# Prefill: tiles of 64 rows; the reduction chunks are smaller than decode's so that 3 stages
-# of (64 rows + 2 weight blocks) fit in shared memory.
+# Prefill: tiles of 64 rows, 64-wide reduction chunks, 3 stages. An H200 sweep at 8K tokens
+# (block_m 32-128, block_f 64-128, block_d 32-128, 4-8 warps, 3-4 stages) kept every shape
+# within 12% of this one (benchmarks/RESULTS.md).
 PREFILL_BLOCKS = MoEBlocks(block_d=64, block_fin=64, num_stages=3)
 
 
@@ -183,7 +184,7 @@ def _group_by_sort(x, experts, E: int, block_m: int):
     order = jnp.argsort(ids, stable=True).astype(jnp.int32)  # grouped row -> pair
     pos = jnp.zeros((M,), jnp.int32).at[order].set(jnp.arange(M, dtype=jnp.int32))
     x_grouped = jnp.concatenate([x[order // k], jnp.zeros((block_m, x.shape[1]), x.dtype)])
-    counts = jnp.zeros((E,), jnp.int32).at[ids].add(1, mode="drop")  # ids == E dropped
+    counts = jnp.bincount(ids, length=E + 1)[:E].astype(jnp.int32)  # id E: not here
     starts = jnp.cumsum(counts) - counts
     n_tiles = (counts + block_m - 1) // block_m  # [E]
     tiles_end = jnp.cumsum(n_tiles)
