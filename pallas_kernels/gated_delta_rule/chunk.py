@@ -302,6 +302,8 @@ def chunk_gated_delta_rule(
     HV, V = v.shape[2], v.shape[3]
     if T < 1:
         raise ValueError(f"T must be >= 1, got q {tuple(q.shape)}")
+    # block_v is capped at the largest power of 2 dividing K and V (small test heads)
+    blocks = dataclasses.replace(blocks, block_v=min(blocks.block_v, K & -K, V & -V))
     _check_blocks(K, V, blocks)
     scale = K**-0.5 if scale is None else float(scale)
     C = blocks.chunk

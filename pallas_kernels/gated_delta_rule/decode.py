@@ -38,16 +38,26 @@ def _decode_kernel(
     g_ref,
     beta_ref,
     s0_ref,
-    o_ref,
-    *state_refs,
+    *refs,
     scale: float,
     l2norm: bool,
     n_tokens: int,
     has_final: bool,
+    block_v: int | None,
 ):
     # q_ref, k_ref [T, K]  v_ref [T, BV]  g_ref, beta_ref [T] fp32  s0_ref [K, BV] fp32
-    # out: o_ref [T, BV]; then ht_ref [K, BV] fp32 and/or all_ref [T, K, BV] fp32
-    s = s0_ref[...].astype(jnp.float32)
+    # out: o_ref [T, BV]; then ht_ref [K, BV] fp32 and/or all_ref [T, K, BV] fp32.
+    # In place (block_v given): layer_ref [1] int32 follows s0_ref, and s0_ref / ht_ref are
+    # the whole stack [L * B, HV, K, V] (one buffer): this program reads and writes its
+    # [K, BV] block at row layer * B + b.
+    if block_v is None:
+        o_ref, *state_refs = refs
+        s = s0_ref[...].astype(jnp.float32)
+    else:
+        layer_ref, o_ref, *state_refs = refs
+        row = layer_ref[0] * pl.num_programs(0) + pl.program_id(0)
+        h, cols = pl.program_id(1), pl.ds(pl.program_id(2) * block_v, block_v)
+        s = s0_ref[row, h, :, cols]
     ht_ref = state_refs[0] if has_final else None
     all_ref = state_refs[-1] if len(state_refs) > int(has_final) else None
     for t in range(n_tokens):  # static: T <= 8 in decode
@@ -64,7 +74,10 @@ def _decode_kernel(
         if all_ref is not None:
             all_ref[t, :, :] = s
     if ht_ref is not None:
-        ht_ref[...] = s
+        if block_v is None:
+            ht_ref[...] = s
+        else:
+            ht_ref[row, h, :, cols] = s
 
 
 @functools.partial(
@@ -87,6 +100,7 @@ def fused_recurrent_gated_delta_rule(
     *,
     scale=None,
     initial_state=None,
+    state_layer=None,
     output_final_state=True,
     use_qk_l2norm=False,
     return_all_states=False,
@@ -97,9 +111,17 @@ def fused_recurrent_gated_delta_rule(
 
     Args: as `recurrent_gated_delta_rule`: q, k [B, T, H, K]; v [B, T, HV, V]; g, beta
       [B, T, HV]; initial_state [B, HV, K, V] (None: zeros).
+      Or, with state_layer (an int32 scalar), initial_state is a stack of layers' states
+      [L, B, HV, K, V] fp32, read at state_layer and updated there in place: the returned
+      final state is the whole stack. In a scan over layers this is what keeps the state out
+      of copies (a slice of the stack as a kernel operand would be copied in and out).
     Returns: (o [B, T, HV, V] in v's dtype, final state [B, HV, K, V] fp32 or None), plus
       all_states [B, T, HV, K, V] fp32 (the state after each position) when return_all_states.
     """
+    stack = None
+    if state_layer is not None:
+        stack = _check_stack(initial_state, output_final_state)
+        initial_state = jax.ShapeDtypeStruct(stack.shape[1:], stack.dtype)
     H, R = validate_inputs(q, k, v, g, beta, initial_state)
     B, T, _, K = q.shape
     HV, V = v.shape[2], v.shape[3]
@@ -115,11 +137,20 @@ def fused_recurrent_gated_delta_rule(
     g = g.astype(jnp.float32)
     beta = beta.astype(jnp.float32)
 
+    state_spec = pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j))
+    extra, aliases = [], {}
+    if stack is not None:
+        L = stack.shape[0]
+        state_spec = pl.BlockSpec()  # the whole [L * B, ...] stack: the kernel finds its row
+        initial_state = stack.reshape(L * B, HV, K, V)  # merges leading dims: no copy
+        extra = [jnp.clip(jnp.asarray(state_layer, jnp.int32), 0, L - 1).reshape(1)]
+        aliases = {5: 1}  # the final state is written into the stack's buffer
+
     out_specs = [pl.BlockSpec((None, T, None, BV), lambda b, h, j: (b, 0, h, j))]
     out_shape = [jax.ShapeDtypeStruct((B, T, HV, V), v.dtype)]
     if output_final_state:
-        out_specs.append(pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j)))
-        out_shape.append(jax.ShapeDtypeStruct((B, HV, K, V), jnp.float32))
+        out_specs.append(state_spec)
+        out_shape.append(jax.ShapeDtypeStruct(initial_state.shape, jnp.float32))
     if return_all_states:
         out_specs.append(pl.BlockSpec((None, T, None, K, BV), lambda b, h, j: (b, 0, h, 0, j)))
         out_shape.append(jax.ShapeDtypeStruct((B, T, HV, K, V), jnp.float32))
@@ -135,6 +166,7 @@ def fused_recurrent_gated_delta_rule(
         l2norm=use_qk_l2norm,
         n_tokens=T,
         has_final=output_final_state,
+        block_v=None if stack is None else BV,
     )
     outs = pl.pallas_call(
         kernel,
@@ -145,16 +177,36 @@ def fused_recurrent_gated_delta_rule(
             pl.BlockSpec((None, T, None, BV), lambda b, h, j: (b, 0, h, j)),
             pl.BlockSpec((None, T, None), lambda b, h, j: (b, 0, h)),
             pl.BlockSpec((None, T, None), lambda b, h, j: (b, 0, h)),
-            pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j)),
+            state_spec,
+            *(pl.BlockSpec() for _ in extra),
         ],
         out_specs=out_specs,
         out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=params,
         interpret=interpret,
         name="gdn_decode",
-    )(q, k, v, g, beta, initial_state.astype(jnp.float32))
+    )(q, k, v, g, beta, initial_state.astype(jnp.float32), *extra)
     o = outs[0]
     final = outs[1] if output_final_state else None
+    if stack is not None:
+        final = final.reshape(stack.shape)
     if return_all_states:
         return o, final, outs[-1]
     return o, final
+
+
+def _check_stack(stack, output_final_state):
+    """The state stack of the in-place form: [L, B, HV, K, V] fp32, updated and returned."""
+    if stack is None or stack.ndim != 5 or stack.dtype != jnp.float32:
+        shape = None if stack is None else tuple(stack.shape)
+        dtype = None if stack is None else stack.dtype
+        raise ValueError(
+            "with state_layer, initial_state must be the fp32 stack [L, B, HV, K, V], got "
+            f"shape {shape} dtype {dtype}"
+        )
+    if not output_final_state:
+        raise ValueError(
+            "state_layer updates the stack in place, so it needs output_final_state=True"
+        )
+    return stack

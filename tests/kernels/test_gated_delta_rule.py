@@ -129,6 +129,59 @@ def test_decode_matches_reference(T, R, with_state, dtype):
     assert rel_err(all_s, all_ref) < 1e-5
 
 
+@pytest.mark.parametrize("T, all_states", [(1, False), (4, True)])
+def test_decode_updates_a_state_stack_in_place(T, all_states):
+    """With state_layer the kernel reads and writes one layer of a [L, B, HV, K, V] stack:
+    that layer ends as the per-layer call's final state, the other layers are untouched."""
+    q, k, v, g, beta, s0 = gdn_inputs(2, T, 2, 2, K, V, jnp.float32, seed=20 + T)
+    stack = jnp.stack([s0 + 1.0, s0, s0 - 1.0])  # [3, B, HV, K, V]
+    kw = dict(use_qk_l2norm=True, interpret=INTERPRET, blocks=DecodeBlocks(block_v=16))
+    o_ref, st_ref, *all_ref = run(
+        fused_recurrent_gated_delta_rule,
+        q,
+        k,
+        v,
+        g,
+        beta,
+        initial_state=s0,
+        return_all_states=all_states,
+        **kw,
+    )
+    o, new, *all_s = run(
+        fused_recurrent_gated_delta_rule,
+        q,
+        k,
+        v,
+        g,
+        beta,
+        initial_state=stack,
+        state_layer=jnp.int32(1),
+        return_all_states=all_states,
+        **kw,
+    )
+    assert new.shape == stack.shape
+    assert rel_err(o, o_ref) < 1e-6 and rel_err(new[1], st_ref) < 1e-6
+    assert jnp.array_equal(new[0], stack[0]) and jnp.array_equal(new[2], stack[2])
+    if all_states:
+        assert rel_err(all_s[0], all_ref[0]) < 1e-6
+    with pytest.raises(ValueError, match="fp32 stack"):
+        fused_recurrent_gated_delta_rule(
+            q, k, v, g, beta, initial_state=s0, state_layer=0, interpret=INTERPRET
+        )
+    with pytest.raises(ValueError, match="output_final_state"):
+        fused_recurrent_gated_delta_rule(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            initial_state=stack,
+            state_layer=0,
+            output_final_state=False,
+            interpret=INTERPRET,
+        )
+
+
 def test_decode_after_prefill_equals_longer_prefill():
     """Prefill 70 tokens, then decode 1 + 4 tokens (rollback states too): equals a 75-token run."""
     q, k, v, g, beta, s0 = gdn_inputs(2, 75, 2, 2, K, V, jnp.float32, seed=3)
