@@ -4,6 +4,12 @@ Kernels take arrays, not model configs: nothing here imports qnext_jax. Every ke
 CPU with interpret=True (tests) and through the Pallas Triton backend on NVIDIA GPUs.
 """
 
+from pallas_kernels.attention import (
+    DecodeAttentionBlocks,
+    decode_attention,
+    decode_attention_ref,
+    validate_decode_attention,
+)
 from pallas_kernels.causal_conv1d import (
     ConvBlocks,
     causal_conv1d,
@@ -32,6 +38,7 @@ from pallas_kernels.moe import (
 __all__ = [
     "ChunkBlocks",
     "ConvBlocks",
+    "DecodeAttentionBlocks",
     "DecodeBlocks",
     "MoEBlocks",
     "causal_conv1d",
@@ -39,6 +46,8 @@ __all__ = [
     "causal_conv1d_update",
     "chunk_gated_delta_rule",
     "chunk_gated_delta_rule_ref",
+    "decode_attention",
+    "decode_attention_ref",
     "fused_recurrent_gated_delta_rule",
     "gdn_gates",
     "l2norm",
@@ -47,5 +56,6 @@ __all__ = [
     "moe_experts_prefill",
     "recurrent_gated_delta_rule",
     "validate_conv_inputs",
+    "validate_decode_attention",
     "validate_inputs",
 ]
