@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qnext_jax import ops
-from qnext_jax.cache import KV_AXES, CacheSlots, KVCache
+from qnext_jax.cache import KV_AXES, CacheSlots, LayerCache
 from qnext_jax.config import Qwen3NextConfig, RuntimeOptions
 from qnext_jax.layers import Linear, RMSNorm, apply_partial_rope
 from qnext_jax.sharding import constrain
@@ -38,13 +38,13 @@ class GatedAttention(nnx.Module):
         self.impl, self.mesh = opts.attention_impl, opts.mesh
 
     def __call__(
-        self, x, cos, sin, positions, cache: KVCache | None, slots: CacheSlots | None = None
+        self, x, cos, sin, positions, cache: LayerCache | None, slots: CacheSlots | None = None
     ):
         """x [B,T,D]; cos/sin [B,T,R]; positions [B,T] (-1: padding, writes nothing).
 
         Without a cache the T tokens attend among themselves; with one, K/V are written at
-        their positions (in cache row slots.rows[b], or b) and the queries attend over the
-        whole cache row."""
+        their positions (in cache row slots.rows[b], or b, of the layer in the stack) and the
+        queries attend over the whole cache row."""
         B, T, _ = x.shape
         H, KVH, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         qg = self.q_proj(x).reshape(B, T, H, 2 * Dh)
@@ -58,35 +58,49 @@ class GatedAttention(nnx.Module):
 
         chunk = None  # this call's own K/V, as the cache holds them (ops.attention's `chunk`)
         if cache is None:
-            k_all, v_all, k_pos = k, v, positions
+            k_all, v_all, k_pos, S = k, v, positions, T
         else:
-            pairs = ((k, cache.k), (v, cache.v))
+            stack, layer = cache.stack, cache.layer
+            pairs = ((k, stack.k), (v, stack.v))
             chunk = tuple(a.astype(c.dtype).astype(q.dtype) for a, c in pairs)
-            S = cache.k.shape[1]
+            S = stack.k.shape[2]
             slot = jnp.where(positions >= 0, positions, S)  # padding -> out of range, dropped
             rows = (jnp.arange(B) if slots is None else slots.rows)[:, None]
+            # written into the stack at the layer: in place in the layer scan's carry
             k_new, v_new = (
-                c.at[rows, slot].set(new.astype(c.dtype), mode="drop")
-                for c, new in ((cache.k, k), (cache.v, v))
+                c.at[layer, rows, slot].set(new.astype(c.dtype), mode="drop") for new, c in pairs
             )
-            cache = KVCache(
-                constrain(k_new, KV_AXES, self.mesh), constrain(v_new, KV_AXES, self.mesh)
+            axes = ("layers", *KV_AXES)
+            cache = cache.with_stack(
+                k=constrain(k_new, axes, self.mesh), v=constrain(v_new, axes, self.mesh)
             )
-            k_all, v_all = cache.k, cache.v
-            if slots is not None:  # the rows of this batch (stale K/V beyond a position are masked)
-                k_all = jnp.take(k_all, slots.rows, axis=0, mode="clip")
-                v_all = jnp.take(v_all, slots.rows, axis=0, mode="clip")
-            k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
         q_pos = jnp.where(positions >= 0, positions, -2)  # padded queries see nothing
-        out = ops.attention(
-            q,
-            k_all.astype(q.dtype),
-            v_all.astype(q.dtype),
-            q_pos,
-            k_pos,
-            scale=Dh**-0.5,
-            impl=self.impl,
-            chunk=chunk,
-        )
+        if (
+            cache is not None
+            and slots is None
+            and ops.cache_attention_applies(self.impl, T, S, KVH, self.mesh)
+        ):  # decode: the kernel reads the layer from the stack in place
+            k_stack, v_stack = cache.stack.k, cache.stack.v
+            out = ops.cache_attention(
+                q, k_stack, v_stack, cache.layer, q_pos, scale=Dh**-0.5, mesh=self.mesh
+            )
+        else:
+            if cache is not None:
+                own = cache.read()
+                k_all, v_all = own.k, own.v
+                if slots is not None:  # this batch's rows (stale K/V past a position: masked)
+                    k_all = jnp.take(k_all, slots.rows, axis=0, mode="clip")
+                    v_all = jnp.take(v_all, slots.rows, axis=0, mode="clip")
+                k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+            out = ops.attention(
+                q,
+                k_all.astype(q.dtype),
+                v_all.astype(q.dtype),
+                q_pos,
+                k_pos,
+                scale=Dh**-0.5,
+                impl=self.impl,
+                chunk=chunk,
+            )
         out = out.reshape(B, T, H * Dh) * jax.nn.sigmoid(gate)  # the output gate
         return self.o_proj(out), cache

@@ -308,7 +308,7 @@ class RuntimeOptions:
 
     dtype: str = "bfloat16"  # parameter and activation dtype
     gdn_impl: Literal["auto", "pallas", "chunked", "recurrent"] = "auto"
-    attention_impl: Literal["auto", "dense", "blockwise", "cudnn"] = "auto"
+    attention_impl: Literal["auto", "dense", "blockwise", "cudnn", "pallas"] = "auto"
     moe_impl: Literal["auto", "pallas", "gather", "grouped", "ragged", "dense"] = "auto"
     chunk_size: int = 64
     scan_layers: bool = True

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qnext_jax import ops
-from qnext_jax.cache import GDN_CONV_AXES, GDN_STATE_AXES, CacheSlots, GDNCache
+from qnext_jax.cache import GDN_CONV_AXES, GDN_STATE_AXES, CacheSlots, LayerCache
 from qnext_jax.config import Qwen3NextConfig, RuntimeOptions
 from qnext_jax.layers import GatedRMSNorm, Linear, _init
 from qnext_jax.sharding import constrain
@@ -49,7 +49,7 @@ class GatedDeltaNet(nnx.Module):
         self,
         x,
         positions,
-        cache: GDNCache | None,
+        cache: LayerCache | None,
         slots: CacheSlots | None = None,
         *,
         return_all_states=False,
@@ -57,7 +57,9 @@ class GatedDeltaNet(nnx.Module):
         """x [B,T,D]; positions [B,T] with -1 marking right padding (an exact no-op on the state).
 
         Returns (out [B,T,D], new cache or None); with return_all_states also the recurrent
-        and conv states after every position (for speculative-decoding rollback)."""
+        and conv states after every position (for speculative-decoding rollback). Without
+        slots the recurrent state is handed to the kernel as the whole stack and updated there
+        (in place on the GPU's decode path)."""
         B, T, _ = x.shape
         H, HV, K, V, R = self.dims
         valid = positions >= 0
@@ -67,11 +69,13 @@ class GatedDeltaNet(nnx.Module):
         ba = self.in_proj_ba(x).reshape(B, T, H, 2 * R)
         b, a = ba[..., :R].reshape(B, T, HV), ba[..., R:].reshape(B, T, HV)
 
-        conv_in = state_in = None
+        conv_in = state_in = state_layer = None
         if cache is not None:
-            conv_in, state_in = cache.conv, cache.state
-            if slots is not None:
-                conv_in, state_in = slots.gather(conv_in), slots.gather(state_in)
+            own = cache.read()
+            if slots is None:  # the whole stack and the layer
+                conv_in, state_in, state_layer = own.conv, cache.stack.state, cache.layer
+            else:
+                conv_in, state_in = slots.gather(own.conv), slots.gather(own.state)
         mixed = jnp.where(valid[..., None], mixed, 0)
         conv_out, _ = ops.causal_conv1d(
             mixed, self.conv_w[...], conv_in, impl=self.gdn_impl, mesh=self.mesh
@@ -97,6 +101,7 @@ class GatedDeltaNet(nnx.Module):
             g,
             beta,
             initial_state=state_in,
+            state_layer=state_layer,
             impl=self.gdn_impl,
             chunk_size=self.chunk_size,
             return_all_states=return_all_states,
@@ -108,17 +113,14 @@ class GatedDeltaNet(nnx.Module):
 
         new_cache = None
         if cache is not None:
-            conv_state = _last_inputs(conv_in, mixed, valid)
-            if slots is None:
-                conv_state = conv_state.astype(cache.conv.dtype)
-                state = state.astype(cache.state.dtype)
+            conv_state = constrain(_last_inputs(conv_in, mixed, valid), GDN_CONV_AXES, self.mesh)
+            new_cache = cache.write("conv", conv_state, slots)
+            if slots is None:  # the whole stack, updated at the layer
+                state = constrain(state, ("layers", *GDN_STATE_AXES), self.mesh)
+                new_cache = new_cache.with_stack(state=state)
             else:
-                conv_state = slots.scatter(cache.conv, conv_state)
-                state = slots.scatter(cache.state, state)
-            new_cache = GDNCache(
-                constrain(conv_state, GDN_CONV_AXES, self.mesh),
-                constrain(state, GDN_STATE_AXES, self.mesh),
-            )
+                state = constrain(state, GDN_STATE_AXES, self.mesh)
+                new_cache = new_cache.write("state", state, slots)
         if return_all_states:
             return out, new_cache, (result[2], _all_conv_states(conv_in, mixed))
         return out, new_cache

@@ -10,10 +10,10 @@ For more than one draft step the same layer is reused on its own output and its 
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qnext_jax.cache import LayerCache
 from qnext_jax.config import FULL, Qwen3NextConfig, RuntimeOptions
 from qnext_jax.layers import Linear, RMSNorm
 
@@ -41,11 +41,8 @@ class MultiTokenPredictor(nnx.Module):
         e = self.pre_fc_norm_embedding(embeds)
         h = self.pre_fc_norm_hidden(hidden.astype(embeds.dtype))
         x = self.fc(jnp.concatenate([e, h], axis=-1))
-        new = []
         for i, layer in enumerate(self.layers):
-            c = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
+            c = None if cache is None else LayerCache(cache, i)
             x, c, _ = layer(x, rope, positions, c, slots)
-            new.append(c)
-        if cache is not None:
-            cache = jax.tree.map(lambda *xs: jnp.stack(xs), *new)
+            cache = None if c is None else c.stack
         return self.norm(x), cache

@@ -46,6 +46,7 @@ def gated_delta_rule(
     beta,
     *,
     initial_state=None,
+    state_layer=None,
     impl: str = "auto",
     chunk_size: int = 64,
     return_all_states: bool = False,
@@ -53,9 +54,45 @@ def gated_delta_rule(
 ):
     """q, k [B,T,H,K] (raw: l2-normalised and scaled here), v [B,T,HV,V], g/beta [B,T,HV],
     state [B,HV,K,V] fp32 -> (o [B,T,HV,V], final state[, states after each position]).
+    With state_layer, initial_state is a stack of layers' states [L,B,HV,K,V]: the layer's
+    state is read from it and the stack comes back with that layer updated (in place on the
+    Pallas decode path, as a slice written back elsewhere).
     With a mesh the Pallas kernels run per device on its heads; the jnp references are
     partitioned by GSPMD."""
     T = q.shape[1]
+    if state_layer is not None:
+        stack = initial_state
+        step = _kernel("pallas_kernels.gated_delta_rule", "fused_recurrent_gated_delta_rule")
+        if _decode_kernel_applies(impl, T, return_all_states) and step is not None:
+            if stack.dtype == jnp.float32:
+                return _gdn_kernel(
+                    step,
+                    mesh,
+                    q,
+                    k,
+                    v,
+                    g,
+                    beta,
+                    stack,
+                    state_layer=state_layer,
+                    return_all_states=return_all_states,
+                    interpret=not on_gpu(),
+                )
+        state = jax.lax.dynamic_index_in_dim(stack, state_layer, keepdims=False)
+        out = gated_delta_rule(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            initial_state=state,
+            impl=impl,
+            chunk_size=chunk_size,
+            return_all_states=return_all_states,
+            mesh=mesh,
+        )
+        new = jax.lax.dynamic_update_index_in_dim(stack, out[1].astype(stack.dtype), state_layer, 0)
+        return (out[0], new, *out[2:])
     kw = dict(initial_state=initial_state, use_qk_l2norm=True)
     if return_all_states:
         step = _kernel("pallas_kernels.gated_delta_rule", "fused_recurrent_gated_delta_rule")
@@ -78,17 +115,39 @@ def gated_delta_rule(
     raise ValueError(f"gdn_impl={impl!r}; allowed: 'auto', 'pallas', 'chunked', 'recurrent'")
 
 
-def _gdn_kernel(kernel, mesh, q, k, v, g, beta, initial_state, **kw):
+def _decode_kernel_applies(impl: str, T: int, return_all_states: bool) -> bool:
+    """Whether gated_delta_rule runs the fused decode kernel: the GPU's choice for T <= 8
+    (and for every verify pass that keeps all states), or asked for by impl="pallas"."""
+    if impl == "pallas":
+        return T <= 8
+    return impl == "auto" and on_gpu() and (T <= 8 or return_all_states)
+
+
+def _gdn_kernel(kernel, mesh, q, k, v, g, beta, initial_state, state_layer=None, **kw):
     if initial_state is None and mesh is not None:  # shard_map needs an array to split
         (B, _, _, K), (HV, V) = q.shape, v.shape[2:]
         initial_state = jnp.zeros((B, HV, K, V), jnp.float32)
+    state_axes = STATE_AXES if state_layer is None else ("layers", *STATE_AXES)
+    out_axes = (V_AXES, state_axes, ALL_STATES_AXES)[: 3 if kw.get("return_all_states") else 2]
+    in_axes = (QK_AXES, QK_AXES, V_AXES, GATE_AXES, GATE_AXES, state_axes)
+    if state_layer is None:
 
-    def run(q, k, v, g, beta, state):
-        return tuple(kernel(q, k, v, g, beta, initial_state=state, use_qk_l2norm=True, **kw))
+        def run(q, k, v, g, beta, state):
+            return tuple(kernel(q, k, v, g, beta, initial_state=state, use_qk_l2norm=True, **kw))
 
-    out_axes = (V_AXES, STATE_AXES, ALL_STATES_AXES)[: 3 if kw.get("return_all_states") else 2]
-    in_axes = (QK_AXES, QK_AXES, V_AXES, GATE_AXES, GATE_AXES, STATE_AXES)
-    return sharding.per_shard(run, mesh, in_axes, out_axes)(q, k, v, g, beta, initial_state)
+        return sharding.per_shard(run, mesh, in_axes, out_axes)(q, k, v, g, beta, initial_state)
+
+    def run_stacked(q, k, v, g, beta, stack, layer):
+        return tuple(
+            kernel(
+                q, k, v, g, beta, initial_state=stack, state_layer=layer, use_qk_l2norm=True, **kw
+            )
+        )
+
+    layer = jnp.asarray(state_layer, jnp.int32)
+    return sharding.per_shard(run_stacked, mesh, (*in_axes, ()), out_axes)(
+        q, k, v, g, beta, initial_state, layer
+    )
 
 
 # ---- causal depthwise conv1d ---------------------------------------------------------------
@@ -114,7 +173,7 @@ def conv_per_shard(kernel, mesh, x, weight, initial_state, **kw):
 
 
 # ---- attention -----------------------------------------------------------------------------
-ATTENTION_IMPLS = ("dense", "blockwise", "cudnn")
+ATTENTION_IMPLS = ("dense", "blockwise", "cudnn", "pallas")
 # Score bytes (fp32, all heads and rows) one dense call or one key block may hold: above it,
 # "auto" walks the keys in blocks (a 256K cache under an 8K-token prefill chunk would otherwise
 # need a 64 GiB score matrix per GPU).
@@ -139,13 +198,15 @@ def attention(q, k, v, q_pos, k_pos, *, scale: float, impl: str = "auto", chunk=
     that sees no key gets zeros. impl: "dense" (one score matrix), "blockwise" (flash-style
     online softmax over key blocks, blocks no query can see skipped), "cudnn" (cuDNN's fused
     flash attention; GPU, bf16 / fp16 only), "auto" (cudnn for prefill chunks on the GPU,
-    see BIAS_BYTES; else dense while the scores fit in SCORE_BYTES, else blockwise).
+    see BIAS_BYTES; else dense while the scores fit in SCORE_BYTES, else blockwise);
+    "pallas" is the decode kernel (`cache_attention`) and here means "auto".
     chunk: (k_new, v_new) [B,T,KVH,D], the queries' own keys and values, where k / v are a
     cache that already holds them at index = position (k_pos[b, s] = s). Where each row's
     queries sit at contiguous positions p0 + t (then right padding, < 0), "cudnn" needs no
     bias; other rows make the call fall back to the masked form (checked on the device)."""
     if impl not in ("auto", *ATTENTION_IMPLS):
         raise ValueError(f"attention impl={impl!r}; allowed: 'auto', {ATTENTION_IMPLS}")
+    impl = "auto" if impl == "pallas" else impl
     B, T, H, _ = q.shape
     S = k.shape[1]
     half = q.dtype in (jnp.bfloat16, jnp.float16)
@@ -168,6 +229,39 @@ def attention(q, k, v, q_pos, k_pos, *, scale: float, impl: str = "auto", chunk=
     block = SCORE_BYTES // (B * H * T * 4)
     block = min(max(MIN_KEY_BLOCK, 1 << max(block.bit_length() - 1, 0)), S)
     return _attention_blockwise(q, k, v, q_pos, k_pos, scale, block)
+
+
+# Decode and verify passes (up to MAX_DECODE_QUERIES queries per sequence) read the cache
+# through the Pallas decode kernel: the layer straight from the cache stack (XLA's attention
+# reads a copy of the layer's slice), split along the sequence so long contexts use every SM.
+MAX_DECODE_QUERIES = 8
+Q_AXES, KV_STACK_AXES = ("batch", None, "heads", None), ("layers", "batch", None, "kv_heads", None)
+
+
+def cache_attention_applies(impl: str, T: int, S: int, kv_heads: int, mesh=None) -> bool:
+    """Whether `cache_attention` serves these queries: T <= MAX_DECODE_QUERIES, a cache length
+    that is a multiple of 16, KV heads that split evenly over the mesh's tensor axis (each
+    device then holds the KV heads of its query heads); on the GPU ("auto") or asked for."""
+    if impl not in ("auto", "pallas") or T > MAX_DECODE_QUERIES or S % 16:
+        return False
+    if mesh is not None and kv_heads % sharding.axis_size(mesh, "kv_heads"):
+        return False
+    if _kernel("pallas_kernels.attention", "decode_attention") is None:
+        return False
+    return impl == "pallas" or on_gpu()
+
+
+def cache_attention(q, k_stack, v_stack, layer, q_pos, *, scale: float, mesh=None):
+    """q [B,T,H,D] against layer `layer` of the cache stacks [L,B,S,KVH,D] (position s at index
+    s): query t sees keys s <= q_pos[b, t] (< 0: none, zeros). Per device on its heads."""
+    kernel = _kernel("pallas_kernels.attention", "decode_attention")
+
+    def run(q, k, v, pos, layer):
+        return kernel(q, k, v, pos, layer=layer, scale=scale, interpret=not on_gpu())
+
+    in_axes = (Q_AXES, KV_STACK_AXES, KV_STACK_AXES, ("batch", None), ())
+    layer = jnp.asarray(layer, jnp.int32)
+    return sharding.per_shard(run, mesh, in_axes, Q_AXES)(q, k_stack, v_stack, q_pos, layer)
 
 
 def _sdpa_lse(q, k, v, q_len, kv_len, *, causal: bool, scale: float, implementation: str):

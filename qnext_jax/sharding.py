@@ -244,6 +244,13 @@ def per_shard(fn, mesh: Mesh | None, in_axes, out_axes):
     )
 
 
+def axis_size(mesh: Mesh | None, name: str) -> int:
+    """How many devices the logical axis `name` would split over (1 without a mesh)."""
+    if mesh is None or RULES[name] is None:
+        return 1
+    return _mesh_size(mesh, RULES[name])
+
+
 def expert_parallel_size(mesh: Mesh | None) -> int:
     return 1 if mesh is None else _mesh_size(mesh, RULES["experts"])
 

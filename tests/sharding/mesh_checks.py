@@ -175,7 +175,11 @@ def test_make_mesh_rejects_sizes_that_do_not_divide():
         sharding.make_mesh(CFG, 8, 3)
 
 
-def test_greedy_generation_identical():
+@pytest.mark.parametrize("impl, tp", [("auto", 4), ("pallas", 2)])
+def test_greedy_generation_identical(impl, tp):
+    """The engine on a TP mesh generates the unsharded tokens. With the "pallas" impls the
+    GDN and attention kernels run per device on their heads (interpret mode): the decode
+    kernels read the split cache stacks in place and the GDN one writes its state there."""
     from qnext_jax.engine import Engine, EngineConfig
     from qnext_jax.sampling import SamplingParams
 
@@ -195,8 +199,10 @@ def test_greedy_generation_identical():
         return [r.output_ids for r in reqs], engine
 
     want, _ = generate(build())
-    mesh = sharding.make_mesh(CFG, 4)
-    got, engine = generate(build(mesh), mesh)
+    mesh = sharding.make_mesh(CFG, tp)
+    opts = dataclasses.replace(OPTS, mesh=mesh, gdn_impl=impl, attention_impl=impl)
+    model = Qwen3NextForCausalLM(CFG, opts, rngs=nnx.Rngs(0))
+    got, engine = generate(sharding.shard_params(model, mesh=mesh, cfg=CFG), mesh)
     assert got == want
     assert all(len(o) == 12 for o in got)
     # the state's placements are pinned: the second decode block reuses the first's program
