@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import statistics
@@ -166,6 +167,7 @@ def attach_profile(row: dict, profile_fn, *args) -> None:
 
 
 HLO_DIR = None  # --hlo-dir: where the profiled programs' compiled HLO is written
+PROFILE_TOP = 30  # --profile-top: costliest kernels kept per profile (in --json)
 
 
 def profile_program(jitted, args, run, steps: int):
@@ -174,7 +176,7 @@ def profile_program(jitted, args, run, steps: int):
         os.makedirs(HLO_DIR, exist_ok=True)
         with open(os.path.join(HLO_DIR, f"{jitted.__name__}_{len(ROWS)}.hlo.txt"), "w") as fh:
             fh.write(hlo)
-    out = profile_breakdown(run, hlo, steps=steps)
+    out = profile_breakdown(run, hlo, steps=steps, top=PROFILE_TOP)
     out["all_reduce_ops"] = hlo.count(" all-reduce(") + hlo.count(" all-reduce-start(")
     return out
 
@@ -265,10 +267,17 @@ def print_table(meta: dict) -> None:
             continue
         log(f"\nbreakdown {r['case']} (us per step on GPU 0, {p['kernels']:.0f} kernels/step):")
         comps = sorted(
-            (k for k in p if k not in ("busy", "span", "kernels", "top", "all_reduce_ops")),
+            (
+                k
+                for k in p
+                if not isinstance(p[k], (dict, list))
+                and k not in ("busy", "span", "kernels", "all_reduce_ops")
+            ),
             key=lambda k: -p[k],
         )
         log(" | ".join(f"{k} {p[k]:.0f}" for k in comps))
+        if "launches" in p:
+            log("launches: " + " | ".join(f"{k} {v:.0f}" for k, v in p["launches"].items()))
         log(
             f"busy {p['busy']:.0f} us, span {p['span']:.0f} us, step {r['ours_ms'] * 1e3:.0f} us, "
             f"all-reduce ops in the step program {p['all_reduce_ops']}"
@@ -291,6 +300,13 @@ def main():
     ap.add_argument("--profile-prefill", type=int, nargs="*", default=[8192])
     ap.add_argument("--moe-impl", nargs="+", default=["auto"], help="decode cases per impl")
     ap.add_argument(
+        "--scan-layers",
+        nargs="+",
+        type=int,
+        default=[1],
+        help="decode cases with the layer scan (1) and/or the layers unrolled (0)",
+    )
+    ap.add_argument(
         "--attention-impl", nargs="+", default=["auto"], help="prefill cases per attention impl"
     )
     ap.add_argument("--block", type=int, default=32)
@@ -298,10 +314,11 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", default=None)
     ap.add_argument("--hlo-dir", default=None, help="write the profiled programs' compiled HLO")
+    ap.add_argument("--profile-top", type=int, default=30, help="costliest kernels per profile")
     ap.add_argument("--dry-run", action="store_true", help="tiny config: checks the script")
     args = ap.parse_args()
-    global HLO_DIR
-    HLO_DIR = args.hlo_dir
+    global HLO_DIR, PROFILE_TOP
+    HLO_DIR, PROFILE_TOP = args.hlo_dir, args.profile_top
 
     if args.dry_run:
         cfg = tiny_config(
@@ -347,9 +364,15 @@ def main():
             args.long_prompt_chunk,
             cfg.vocab_size,
         )
-    for impl in args.moe_impl:
-        m = model if impl == args.moe_impl[0] else with_options(model, moe_impl=impl)
+    for impl, scan in itertools.product(args.moe_impl, args.scan_layers):
+        changes = {
+            k: v
+            for k, v in (("moe_impl", impl), ("scan_layers", bool(scan)))
+            if v != getattr(model.opts, k)
+        }
+        m = with_options(model, **changes) if changes else model
         tag = "" if len(args.moe_impl) == 1 else f" moe={impl}"
+        tag += "" if scan else " unrolled"
         for b in args.batch:
             guarded(
                 decode_case,

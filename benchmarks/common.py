@@ -172,6 +172,8 @@ def classify(kernel: str, hlo_op: str | None, names: dict[str, str]) -> str:
             return "gdn"
         if low.startswith("moe_"):  # pallas_kernels/moe: moe_gate_up, moe_down
             return "moe"
+        if low.startswith("attention_"):  # pallas_kernels/attention: attention_decode
+            return "attention"
         return "other (unattributed)"
     if _COLLECTIVE.search(op):
         return "collectives"
@@ -211,11 +213,12 @@ def _device_events(trace: dict, device_id: int = 0):
         yield e["name"], e.get("args", {}), float(e.get("dur", 0)), float(e.get("ts", 0))
 
 
-def profile_breakdown(run, hlo_text: str, steps: int, device_id: int = 0) -> dict:
+def profile_breakdown(run, hlo_text: str, steps: int, device_id: int = 0, top: int = 30) -> dict:
     """Run `run()` (it must block) under the profiler; returns {component: us per step} of
     kernel time on one device, plus 'busy' (sum), 'span' (first kernel start to last end),
-    'kernels' (launches per step) and 'top' (the 30 costliest kernels: component, name, HLO op,
-    us, the op's source scope). Raises RuntimeError when the trace has no device events."""
+    'kernels' (launches per step), 'launches' ({component: launches per step}) and 'top' (the
+    `top` costliest kernels: component, name, HLO op, us, the op's source scope). Raises
+    RuntimeError when the trace has no device events."""
     names = hlo_op_names(hlo_text)
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
@@ -225,11 +228,12 @@ def profile_breakdown(run, hlo_text: str, steps: int, device_id: int = 0) -> dic
             raise RuntimeError("the profiler wrote no perfetto_trace.json.gz")
         with gzip.open(paths[0]) as fh:
             trace = json.load(fh)
-    per, by_kernel = collections.Counter(), collections.Counter()
+    per, by_kernel, launches = collections.Counter(), collections.Counter(), collections.Counter()
     n, first, last = 0, float("inf"), 0.0
     for name, args, dur, ts in _device_events(trace, device_id):
         comp = classify(name, args.get("hlo_op"), names)
         per[comp] += dur
+        launches[comp] += 1
         op = args.get("hlo_op", "")
         by_kernel[comp, name[:80], op, (names.get(op) or names.get(name) or "")[-120:]] += dur
         n += 1
@@ -240,5 +244,6 @@ def profile_breakdown(run, hlo_text: str, steps: int, device_id: int = 0) -> dic
     out["busy"] = sum(per.values()) / steps
     out["span"] = (last - first) / steps
     out["kernels"] = n / steps
-    out["top"] = [(c, k, op, us / steps, src) for (c, k, op, src), us in by_kernel.most_common(30)]
+    out["launches"] = {k: v / steps for k, v in launches.items()}
+    out["top"] = [(c, k, op, us / steps, src) for (c, k, op, src), us in by_kernel.most_common(top)]
     return out
