@@ -410,7 +410,8 @@ def moe_experts(
     """sum_j weights[n, j] * Expert_{experts[n, j]}(x[n]).
 
     x [N,D]; weights [N,k] fp32; experts [N,k] int32; w_gate_up [E,D,2F] (gate | up);
-    w_down [E,F,D]. Returns [N,D] in x.dtype (products in x.dtype, sum over k in fp32).
+    w_down [E,F,D]. Returns [N,D] in x.dtype (products in x.dtype, sum over k in fp32; over an
+    expert-parallel mesh the devices' partial sums are added in x.dtype).
     With `layer` (an int32 scalar, traced inside a scan over layers) the weights are the whole
     stacks [L,E,D,2F] / [L,E,F,D] and layer picks one: the Pallas kernel reads the stack in
     place, the XLA paths index it.

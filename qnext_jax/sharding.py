@@ -273,7 +273,8 @@ def expert_parallel(
     local_fn(x, weights, ids, w_gate_up_local, w_down_local, layer) -> fp32 [N, D] must ignore
     ids outside [0, E_local) (experts another device holds). With `layer` the weights are
     stacked over layers ([L, E, ...], split on E) and layer picks one. Each device runs its
-    E / EP experts on the tokens routed to them and the partial outputs are summed with one psum.
+    E / EP experts on the tokens routed to them and the partial outputs are summed with one psum,
+    in x's dtype.
     shared = (w_gate [D, Fs], w_up [D, Fs], w_down [Fs, D], scale [N, 1]): the shared expert,
     split on Fs; each device adds scale * its partial SwiGLU to its routed partial sum before
     the one psum (only where `shared_expert_joins_psum`).
@@ -302,7 +303,9 @@ def expert_parallel(
             h = jax.nn.silu(x @ w_gate.astype(x.dtype)) * (x @ w_up.astype(x.dtype))
             part = jnp.dot(h, w_down.astype(x.dtype), preferred_element_type=jnp.float32)
             out = out + part * scale.astype(jnp.float32)
-        return jax.lax.psum(out, axis)
+        # The partial sums travel in the activation dtype (bf16: half the bytes of fp32, as
+        # tensor-parallel all-reduces do elsewhere); each is rounded once before the sum.
+        return jax.lax.psum(out.astype(x.dtype), axis)
 
     rep = PartitionSpec()
     layer = jnp.zeros((), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32)
