@@ -92,6 +92,26 @@ def test_greedy_with_forced_drafts_equals_plain(mtp_model, monkeypatch, wrong_af
             assert r.spec_accepted[wrong_after] == 0
 
 
+def test_decode_kernels_in_verify_passes(mtp_model, monkeypatch):
+    """The "pallas" GDN and attention paths (interpret mode on the CPU): verify passes of
+    T = k + 1 tokens read the cache stacks in place, the GDN kernel also returns every
+    position's state for the rewind; with a draft rejected mid-block the tokens are still
+    the plain greedy ones."""
+    import dataclasses
+
+    from flax import nnx
+
+    monkeypatch.setattr(speculative, "draft", oracle_draft(wrong_after=1))
+    opts = dataclasses.replace(mtp_model.opts, gdn_impl="pallas", attention_impl="pallas")
+    graphdef = nnx.split(nnx.eval_shape(lambda: type(mtp_model)(mtp_model.config, opts)))[0]
+    kernels = nnx.merge(graphdef, nnx.state(mtp_model))
+    prompts = prompts_of([5, 17], seed=1)
+    plain, _ = run(mtp_model, prompts, GREEDY)
+    spec, _ = run(kernels, prompts, GREEDY, k=3)
+    assert [r.output_ids for r in spec] == [r.output_ids for r in plain]
+    assert all(r.spec_accepted[1] == 0 and r.spec_steps > 1 for r in spec)
+
+
 def test_eos_inside_an_accepted_block_ends_the_row(mtp_model, monkeypatch):
     monkeypatch.setattr(speculative, "draft", oracle_draft())
     (prompt,) = prompts_of([9], seed=2)
