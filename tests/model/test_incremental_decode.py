@@ -84,6 +84,29 @@ def test_decode_kernels_work_in_the_cache_stack(base_checkpoint):
     assert rel_err(np.asarray(got.state), np.asarray(want.state)) <= TOL
 
 
+def test_unrolled_layers_decode_like_the_full_forward(base_checkpoint):
+    """RuntimeOptions(scan_layers=False): the layer groups run as a Python loop, writing into
+    the same cache stacks at static indices; prefill + decode + a chunk match the forward."""
+    import qnext_jax
+    from qnext_jax.config import RuntimeOptions
+
+    model = qnext_jax.from_pretrained(
+        base_checkpoint[0],
+        dtype="float32",
+        options=RuntimeOptions(scan_layers=False),
+        progress=False,
+    )
+    B, T = 2, 18
+    ids = np.random.default_rng(9).integers(0, 128, (B, T))
+    full = jax_logits(model, ids)
+    cache, pieces, t = model.init_cache(B, MAX_LEN), [], 0
+    for n in [8, 1, 9]:
+        logits, cache = step(model, ids[:, t : t + n], arange_pos(B, t, t + n), cache)
+        pieces.append(logits)
+        t += n
+    assert rel_err(np.concatenate(pieces, axis=1), full) <= TOL
+
+
 def test_right_padded_batch(base_model):
     """Rows of 20 and 13 tokens in one right-padded batch (positions -1 at padding): each row's
     logits equal the row alone, without a cache and through prefill + one decode step."""
