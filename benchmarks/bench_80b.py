@@ -82,7 +82,8 @@ def build_model(cfg, tp: int, moe_impl: str):
 
 
 def with_options(model, **changes):
-    """The same parameters under other runtime options (static: moe_impl, attention_impl)."""
+    """The same parameters under other runtime options (static ones: moe_impl, attention_impl,
+    scan_layers)."""
     cfg = model.config
     opts = dataclasses.replace(model.opts, **changes)
     graphdef = nnx.split(nnx.eval_shape(lambda: type(model)(cfg, opts)))[0]

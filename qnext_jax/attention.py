@@ -58,7 +58,7 @@ class GatedAttention(nnx.Module):
 
         chunk = None  # this call's own K/V, as the cache holds them (ops.attention's `chunk`)
         if cache is None:
-            k_all, v_all, k_pos, S = k, v, positions, T
+            k_all, v_all, k_pos = k, v, positions
         else:
             stack, layer = cache.stack, cache.layer
             pairs = ((k, stack.k), (v, stack.v))
@@ -78,7 +78,7 @@ class GatedAttention(nnx.Module):
         if (
             cache is not None
             and slots is None
-            and ops.cache_attention_applies(self.impl, T, S, KVH, self.mesh)
+            and ops.cache_attention_applies(self.impl, T, S, KVH, Dh, self.mesh)
         ):  # decode: the kernel reads the layer from the stack in place
             k_stack, v_stack = cache.stack.k, cache.stack.v
             out = ops.cache_attention(

@@ -1,8 +1,9 @@
 """The hybrid decode cache, typed per layer by the layer pattern.
 
-Full-attention layers keep K/V for up to `max_len` positions (slot index == token position);
-Gated DeltaNet layers keep the conv state (the last W-1 pre-conv inputs) and the recurrent
-state [B, HV, K, V] (fp32 by default). Caches are replaced, never mutated.
+Full-attention layers keep K/V for `cache_length(max_len)` positions (slot index == token
+position); Gated DeltaNet layers keep the conv state (the last W-1 pre-conv inputs) and the
+recurrent state [B, HV, K, V] (fp32 by default). Caches are replaced, never mutated: a write
+returns a new cache, and only buffer donation and aliasing make it happen in place.
 
 The cache of a pattern position is stacked over the repeats of its layer group [L, B, ...]; a
 layer sees it as a `LayerCache` (the stack and its index) and writes into the stack, so inside
@@ -20,7 +21,8 @@ from qnext_jax.config import FULL, Qwen3NextConfig
 
 # A cache row holds max_len positions rounded up to a multiple of CACHE_ALIGN: whole key blocks
 # for the decode attention kernel, which takes caches of a multiple of 16 (others fall back to
-# XLA's attention, which reads a copy of the layer). Positions past max_len are never written.
+# XLA's attention, which reads a copy of the layer). The padding positions hold no token of a
+# sequence within max_len (a verify pass near the end may write there; nothing reads it back).
 CACHE_ALIGN = 64
 
 
@@ -61,9 +63,6 @@ class CacheSlots:
         """Rows of a per-layer cache leaf [B_cache, ...] -> [P, ...], zeroed where fresh."""
         x = jnp.take(x, self.rows, axis=0, mode="clip")
         return jnp.where(self.fresh.reshape((-1,) + (1,) * (x.ndim - 1)), jnp.zeros((), x.dtype), x)
-
-    def scatter(self, x: jax.Array, update: jax.Array) -> jax.Array:
-        return x.at[self.rows].set(update.astype(x.dtype), mode="drop")
 
 
 @struct.dataclass

@@ -63,21 +63,10 @@ def gated_delta_rule(
     if state_layer is not None:
         stack = initial_state
         step = _kernel("pallas_kernels.gated_delta_rule", "fused_recurrent_gated_delta_rule")
-        if _decode_kernel_applies(impl, T, return_all_states) and step is not None:
-            if stack.dtype == jnp.float32:
-                return _gdn_kernel(
-                    step,
-                    mesh,
-                    q,
-                    k,
-                    v,
-                    g,
-                    beta,
-                    stack,
-                    state_layer=state_layer,
-                    return_all_states=return_all_states,
-                    interpret=not on_gpu(),
-                )
+        fits = step is not None and stack.dtype == jnp.float32
+        if fits and _decode_kernel_applies(impl, T, return_all_states):
+            kw = dict(return_all_states=return_all_states, interpret=not on_gpu())
+            return _gdn_kernel(step, mesh, q, k, v, g, beta, stack, state_layer=state_layer, **kw)
         state = jax.lax.dynamic_index_in_dim(stack, state_layer, keepdims=False)
         out = gated_delta_rule(
             q,
@@ -116,8 +105,8 @@ def gated_delta_rule(
 
 
 def _decode_kernel_applies(impl: str, T: int, return_all_states: bool) -> bool:
-    """Whether gated_delta_rule runs the fused decode kernel: the GPU's choice for T <= 8
-    (and for every verify pass that keeps all states), or asked for by impl="pallas"."""
+    """Whether gated_delta_rule runs the fused decode kernel: on the GPU ("auto") for T <= 8
+    and for any pass that keeps all states; with impl="pallas" for T <= 8 on any backend."""
     if impl == "pallas":
         return T <= 8
     return impl == "auto" and on_gpu() and (T <= 8 or return_all_states)
@@ -238,11 +227,16 @@ MAX_DECODE_QUERIES = 8
 Q_AXES, KV_STACK_AXES = ("batch", None, "heads", None), ("layers", "batch", None, "kv_heads", None)
 
 
-def cache_attention_applies(impl: str, T: int, S: int, kv_heads: int, mesh=None) -> bool:
+def cache_attention_applies(
+    impl: str, T: int, S: int, kv_heads: int, head_dim: int, mesh=None
+) -> bool:
     """Whether `cache_attention` serves these queries: T <= MAX_DECODE_QUERIES, a cache length
-    that is a multiple of 16, KV heads that split evenly over the mesh's tensor axis (each
-    device then holds the KV heads of its query heads); on the GPU ("auto") or asked for."""
+    that is a multiple of 16 and a head dim that is a power of 2 >= 16 (the kernel's blocks),
+    KV heads that split evenly over the mesh's tensor axis (each device then holds the KV
+    heads of its query heads); on the GPU ("auto") or asked for ("pallas")."""
     if impl not in ("auto", "pallas") or T > MAX_DECODE_QUERIES or S % 16:
+        return False
+    if head_dim < 16 or head_dim & (head_dim - 1):
         return False
     if mesh is not None and kv_heads % sharding.axis_size(mesh, "kv_heads"):
         return False

@@ -304,7 +304,8 @@ def expert_parallel(
             part = jnp.dot(h, w_down.astype(x.dtype), preferred_element_type=jnp.float32)
             out = out + part * scale.astype(jnp.float32)
         # The partial sums travel in the activation dtype (bf16: half the bytes of fp32, as
-        # tensor-parallel all-reduces do elsewhere); each is rounded once before the sum.
+        # tensor-parallel all-reduces do elsewhere): each partial is rounded, and so is every
+        # step of the reduction (one step at EP=2, more on larger meshes).
         return jax.lax.psum(out.astype(x.dtype), axis)
 
     rep = PartitionSpec()

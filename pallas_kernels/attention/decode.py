@@ -102,8 +102,9 @@ def decode_attention(
     blocks: DecodeAttentionBlocks = DecodeAttentionBlocks(),
 ):
     """As `decode_attention_ref`: q [B, T, H, D]; k_cache, v_cache [B, S, KVH, D] or the layer
-    stack [L, B, S, KVH, D] with `layer` (an int32 scalar); q_pos [B, T] (query t sees keys
-    s <= q_pos[b, t]). Returns o [B, T, H, D] in q's dtype. S must be a multiple of 16."""
+    stack [L, B, S, KVH, D] with `layer` (an int32 scalar, clamped into [0, L)); q_pos [B, T]
+    (query t sees keys s <= q_pos[b, t]). Returns o [B, T, H, D] in q's dtype. S must be a
+    multiple of 16."""
     L, S, KVH = validate_decode_attention(q, k_cache, v_cache, q_pos, layer)
     B, T, H, D = q.shape
     G = H // KVH

@@ -43,9 +43,11 @@ def decode_attention_ref(q, k_cache, v_cache, q_pos, *, layer=None, scale=None):
 
     q [B, T, H, D]; k_cache, v_cache [B, S, KVH, D], or [L, B, S, KVH, D] with `layer`;
     q_pos [B, T] int: query t sees the keys s <= q_pos[b, t] (q_pos < 0: none; its output is
-    zeros). Query head j reads KV head j // (H // KVH). Returns o [B, T, H, D] in q's dtype."""
-    validate_decode_attention(q, k_cache, v_cache, q_pos, layer)
+    zeros). A layer outside [0, L) is clamped into it. Query head j reads KV head
+    j // (H // KVH). Returns o [B, T, H, D] in q's dtype."""
+    L, _, _ = validate_decode_attention(q, k_cache, v_cache, q_pos, layer)
     if layer is not None:
+        layer = jnp.clip(jnp.asarray(layer, jnp.int32), 0, L - 1)  # as the kernel
         k_cache, v_cache = (
             jax.lax.dynamic_index_in_dim(c, layer, 0, False) for c in (k_cache, v_cache)
         )

@@ -111,10 +111,10 @@ def fused_recurrent_gated_delta_rule(
 
     Args: as `recurrent_gated_delta_rule`: q, k [B, T, H, K]; v [B, T, HV, V]; g, beta
       [B, T, HV]; initial_state [B, HV, K, V] (None: zeros).
-      Or, with state_layer (an int32 scalar), initial_state is a stack of layers' states
-      [L, B, HV, K, V] fp32, read at state_layer and updated there in place: the returned
-      final state is the whole stack. In a scan over layers this is what keeps the state out
-      of copies (a slice of the stack as a kernel operand would be copied in and out).
+      Or, with state_layer (an int32 scalar, clamped into [0, L)), initial_state is a stack
+      of layers' states [L, B, HV, K, V] fp32, read at state_layer and updated there in place:
+      the returned final state is the whole stack. In a scan over layers this keeps the state
+      out of copies (a slice of the stack as a kernel operand would be copied in and out).
     Returns: (o [B, T, HV, V] in v's dtype, final state [B, HV, K, V] fp32 or None), plus
       all_states [B, T, HV, K, V] fp32 (the state after each position) when return_all_states.
     """

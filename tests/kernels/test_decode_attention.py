@@ -25,7 +25,6 @@ def _inputs(B, T, H, KVH, S, dtype, seed, L=None):
     return q, k, v
 
 
-
 @pytest.mark.parametrize(
     "T, H, KVH, splits, dtype",
     [

@@ -175,11 +175,12 @@ def test_make_mesh_rejects_sizes_that_do_not_divide():
         sharding.make_mesh(CFG, 8, 3)
 
 
-@pytest.mark.parametrize("impl, tp", [("auto", 4), ("pallas", 2)])
+@pytest.mark.parametrize("impl, tp", [("auto", 4), ("pallas", 2), ("pallas", 4)])
 def test_greedy_generation_identical(impl, tp):
     """The engine on a TP mesh generates the unsharded tokens. With the "pallas" impls the
     GDN and attention kernels run per device on their heads (interpret mode): the decode
-    kernels read the split cache stacks in place and the GDN one writes its state there."""
+    kernels read the split cache stacks in place and the GDN one writes its state there. At
+    TP=4 the 2 KV heads are replicated, so attention takes XLA's path instead."""
     from qnext_jax.engine import Engine, EngineConfig
     from qnext_jax.sampling import SamplingParams
 
