@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -28,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from common import HBM_BPS  # noqa: E402
+from common import HBM_BPS, time_chained  # noqa: E402
 
 from pallas_kernels.attention import (  # noqa: E402
     DecodeAttentionBlocks,
@@ -48,23 +46,8 @@ def inputs(B, S, H, KVH, D, seed=0):
 
 
 def time_per_call(fn, args, inner: int, reps: int) -> float:
-    """Seconds per call: `inner` calls chained in one jitted loop (each query depends on the
-    previous output), median over reps."""
-
-    @jax.jit
-    def loop(q, *rest):
-        def body(_, q):
-            return q + (fn(q, *rest) * 1e-3).astype(q.dtype)
-
-        return jax.lax.fori_loop(0, inner, body, q)
-
-    jax.block_until_ready(loop(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(loop(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) / inner
+    """Seconds per call of fn(*args), chained through the query (common.time_chained)."""
+    return time_chained(fn, args, lambda q, o: q + (o * 1e-3).astype(q.dtype), inner, reps)
 
 
 def xla_attention(q, k, v, pos):

@@ -20,9 +20,7 @@ import argparse
 import dataclasses
 import functools
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -30,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from common import HBM_BPS, MATMUL_FLOPS  # noqa: E402
+from common import HBM_BPS, MATMUL_FLOPS, time_chained  # noqa: E402
 
 from pallas_kernels.moe import (  # noqa: E402
     PREFILL_BLOCKS,
@@ -55,24 +53,9 @@ def inputs(N, E_all, E_here, D, F, k, seed=0):
 
 
 def time_per_call(fn, args, inner: int, reps: int) -> float:
-    """Seconds per call of fn(*args): `inner` calls chained in one jitted loop (each call's x
-    depends on the previous output, so none is hoisted), median over reps."""
-
-    @jax.jit
-    def loop(x, *rest):
-        def body(_, x):
-            h = fn(x, *rest)
-            return x + (jnp.sum(h, axis=1) * 1e-30).astype(x.dtype)
-
-        return jax.lax.fori_loop(0, inner, body, x)
-
-    jax.block_until_ready(loop(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(loop(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) / inner
+    """Seconds per call of fn(*args), chained through x (common.time_chained)."""
+    feed = lambda x, h: x + (jnp.sum(h, axis=1) * 1e-30).astype(x.dtype)
+    return time_chained(fn, args, feed, inner, reps)
 
 
 def grouped_xla(x, experts, w_gu, w_d):

@@ -104,6 +104,18 @@ def median_time(fn, reps: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def time_chained(fn, args, feed, inner: int, reps: int) -> float:
+    """Seconds per call of fn(*args): `inner` calls in one jitted loop, each call's first
+    argument made from the previous output by feed(x, out) (so no call is hoisted; host
+    dispatch is amortised), median over reps."""
+
+    @jax.jit
+    def loop(x, *rest):
+        return jax.lax.fori_loop(0, inner, lambda _, x: feed(x, fn(x, *rest)), x)
+
+    return median_time(lambda: jax.block_until_ready(loop(*args)), reps) / inner
+
+
 def admit(engine, prompts, max_tokens: int = 1):
     """Queue greedy requests and admit them at once (chunked prefill of each prompt[:-1] and
     slot setup), blocked on the cache. Returns the requests."""
