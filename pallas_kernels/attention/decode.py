@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels._triton import compiler_params
 from pallas_kernels.attention.reference import validate_decode_attention
 
 _MIN_ROWS = 16  # tl.dot needs every operand dimension >= 16
@@ -85,10 +86,6 @@ def _kernel(
     lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "blocks"))
 def decode_attention(
     q,
@@ -123,7 +120,7 @@ def decode_attention(
     NS = -(-S // split)
 
     # query rows per (sequence, KV head): t * G + g, padded to a power of 2 >= 16
-    R = max(_MIN_ROWS, _pow2_at_least(T * G))
+    R = max(_MIN_ROWS, pl.next_power_of_2(T * G))
     rows = q.reshape(B, T, KVH, G, D).transpose(0, 2, 1, 3, 4).reshape(B, KVH, T * G, D)
     rows = jnp.pad(rows, ((0, 0), (0, 0), (0, R - T * G), (0, 0)))
     pos = jnp.repeat(q_pos.astype(jnp.int32), G, axis=1)  # [B, T * G]
@@ -132,12 +129,6 @@ def decode_attention(
     layer = jnp.clip(layer, 0, L - 1).reshape(1)
     k_flat, v_flat = (c.reshape(L * B, S, KVH, D) for c in (k_cache, v_cache))  # no copy
 
-    try:
-        from jax.experimental.pallas import triton as plt
-
-        params = plt.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
-    except (ImportError, AttributeError):  # pragma: no cover
-        params = None
     whole = pl.BlockSpec()
     o, lse = pl.pallas_call(
         functools.partial(
@@ -159,7 +150,7 @@ def decode_attention(
             jax.ShapeDtypeStruct((B, KVH, NS, R, D), jnp.float32),
             jax.ShapeDtypeStruct((B, KVH, NS, R), jnp.float32),
         ],
-        compiler_params=params,
+        compiler_params=compiler_params(blocks.num_warps, blocks.num_stages),
         interpret=interpret,
         name="attention_decode",
     )(rows, pos, layer, k_flat, v_flat)

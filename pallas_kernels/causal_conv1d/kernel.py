@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels._triton import compiler_params
 from pallas_kernels.causal_conv1d.reference import validate_conv_inputs
 
 
@@ -60,12 +61,6 @@ def _conv_call(x, weight, state, *, activation, block_t, blocks: ConvBlocks, int
         raise ValueError(f"block_c={blocks.block_c} must be a power of 2")
     if W < 2:
         raise ValueError(f"weight must have W >= 2 taps, got shape {tuple(weight.shape)}")
-    try:
-        from jax.experimental.pallas import triton as plt
-
-        params = plt.CompilerParams(num_warps=blocks.num_warps, num_stages=1)
-    except (ImportError, AttributeError):  # pragma: no cover
-        params = None
     kernel = functools.partial(_conv_kernel, block_t=block_t, activation=activation)
     return pl.pallas_call(
         kernel,
@@ -77,7 +72,7 @@ def _conv_call(x, weight, state, *, activation, block_t, blocks: ConvBlocks, int
         ],
         out_specs=pl.BlockSpec((None, T, BC), lambda b, n, c: (b, 0, c)),
         out_shape=jax.ShapeDtypeStruct((B, T, C), x.dtype),
-        compiler_params=params,
+        compiler_params=compiler_params(blocks.num_warps, 1),
         interpret=interpret,
         name="causal_conv1d",
     )(x, weight, state)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels._triton import compiler_params
 from pallas_kernels.gated_delta_rule.reference import validate_inputs
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -47,15 +48,6 @@ class ChunkBlocks:
     num_stages: int = 2
     max_programs: int = 132  # auto segments: one wave of the H200's 132 SMs ...
     min_chunks: int = 256  # ... and at least this many chunks per segment
-
-
-def _compiler_params(blocks: ChunkBlocks, num_warps: int):
-    try:
-        from jax.experimental.pallas import triton as plt
-
-        return plt.CompilerParams(num_warps=num_warps, num_stages=blocks.num_stages)
-    except (ImportError, AttributeError):  # pragma: no cover - older / newer jax
-        return None
 
 
 def _l2n(x):  # [C, K] fp32, rows normalised as reference.l2norm
@@ -192,7 +184,7 @@ def _prep(q, k, v, gam, beta, *, R, scale, blocks, l2norm, interpret):
         ],
         out_specs=[per_head(K), per_head(V), per_head(K), per_head(K), per_head(C)],
         out_shape=[shape(K), shape(V), shape(K), shape(K), shape(C)],
-        compiler_params=_compiler_params(blocks, blocks.prep_warps),
+        compiler_params=compiler_params(blocks.prep_warps, blocks.num_stages),
         interpret=interpret,
         name="gdn_chunk_prep",
     )(q, k, v, gam, beta)
@@ -238,7 +230,7 @@ def _state_pass(prep, gam, h0, *, NS, blocks, write_o, o_dtype, interpret):
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=_compiler_params(blocks, blocks.state_warps),
+        compiler_params=compiler_params(blocks.state_warps, blocks.num_stages),
         interpret=interpret,
         name="gdn_chunk_state" if write_o else "gdn_chunk_transition",
     )(qd, kd, w, u, attn, gam, h0)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels._triton import compiler_params
 from pallas_kernels.gated_delta_rule.reference import validate_inputs
 
 _L2_EPS = 1e-6
@@ -154,12 +155,6 @@ def fused_recurrent_gated_delta_rule(
     if return_all_states:
         out_specs.append(pl.BlockSpec((None, T, None, K, BV), lambda b, h, j: (b, 0, h, 0, j)))
         out_shape.append(jax.ShapeDtypeStruct((B, T, HV, K, V), jnp.float32))
-    try:
-        from jax.experimental.pallas import triton as plt
-
-        params = plt.CompilerParams(num_warps=blocks.num_warps, num_stages=1)
-    except (ImportError, AttributeError):  # pragma: no cover
-        params = None
     kernel = functools.partial(
         _decode_kernel,
         scale=scale,
@@ -183,7 +178,7 @@ def fused_recurrent_gated_delta_rule(
         out_specs=out_specs,
         out_shape=out_shape,
         input_output_aliases=aliases,
-        compiler_params=params,
+        compiler_params=compiler_params(blocks.num_warps, 1),
         interpret=interpret,
         name="gdn_decode",
     )(q, k, v, g, beta, initial_state.astype(jnp.float32), *extra)

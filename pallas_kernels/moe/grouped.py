@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels._triton import compiler_params
 from pallas_kernels.moe.reference import validate_moe_inputs
 
 MAX_TOKENS = 64  # R = 64 rows held per program; larger batches belong to a grouped matmul
@@ -64,13 +65,6 @@ class MoEBlocks:
 # (block_m 32-128, block_f 64-128, block_d 32-128, 4-8 warps, 3-4 stages) kept every shape
 # within 12% of this one (benchmarks/RESULTS.md).
 PREFILL_BLOCKS = MoEBlocks(block_d=64, block_fin=64, num_stages=3)
-
-
-def _compiler_params(blocks: MoEBlocks):
-    try:
-        return plt.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
-    except AttributeError:  # pragma: no cover - older / newer jax
-        return None
 
 
 def _gate_up_kernel(
@@ -242,7 +236,7 @@ def _grouped_experts(x, experts, w_gate_up, w_down, layer, group, rows, blocks, 
         in_specs=[whole] * 5,
         out_specs=whole,
         out_shape=jax.ShapeDtypeStruct((P, F), x.dtype),
-        compiler_params=_compiler_params(blocks),
+        compiler_params=compiler_params(blocks.num_warps, blocks.num_stages),
         interpret=interpret,
         name="moe_gate_up",
     )(*tiles, x_grouped, w_gate_up)
@@ -252,7 +246,7 @@ def _grouped_experts(x, experts, w_gate_up, w_down, layer, group, rows, blocks, 
         in_specs=[whole] * 5,
         out_specs=whole,
         out_shape=jax.ShapeDtypeStruct((P, D), jnp.float32),
-        compiler_params=_compiler_params(blocks),
+        compiler_params=compiler_params(blocks.num_warps, blocks.num_stages),
         interpret=interpret,
         name="moe_down",
     )(*tiles, h_grouped, w_down)
