@@ -60,13 +60,15 @@ def gated_delta_rule(
     With a mesh the Pallas kernels run per device on its heads; the jnp references are
     partitioned by GSPMD."""
     T = q.shape[1]
+    step = _kernel("pallas_kernels.gated_delta_rule", "fused_recurrent_gated_delta_rule")
+    use_step = step is not None and _decode_kernel_applies(impl, T, return_all_states)
+    run_step = functools.partial(
+        _gdn_kernel, step, mesh, return_all_states=return_all_states, interpret=not on_gpu()
+    )
     if state_layer is not None:
         stack = initial_state
-        step = _kernel("pallas_kernels.gated_delta_rule", "fused_recurrent_gated_delta_rule")
-        fits = step is not None and stack.dtype == jnp.float32
-        if fits and _decode_kernel_applies(impl, T, return_all_states):
-            kw = dict(return_all_states=return_all_states, interpret=not on_gpu())
-            return _gdn_kernel(step, mesh, q, k, v, g, beta, stack, state_layer=state_layer, **kw)
+        if use_step and stack.dtype == jnp.float32:
+            return run_step(q, k, v, g, beta, stack, state_layer=state_layer)
         state = jax.lax.dynamic_index_in_dim(stack, state_layer, keepdims=False)
         out = gated_delta_rule(
             q,
@@ -82,61 +84,52 @@ def gated_delta_rule(
         )
         new = jax.lax.dynamic_update_index_in_dim(stack, out[1].astype(stack.dtype), state_layer, 0)
         return (out[0], new, *out[2:])
+    if use_step:
+        return run_step(q, k, v, g, beta, initial_state)
     kw = dict(initial_state=initial_state, use_qk_l2norm=True)
     if return_all_states:
-        step = _kernel("pallas_kernels.gated_delta_rule", "fused_recurrent_gated_delta_rule")
-        if impl in ("auto", "pallas") and on_gpu() and step is not None:
-            return _gdn_kernel(step, mesh, q, k, v, g, beta, initial_state, return_all_states=True)
         return recurrent_gated_delta_rule(q, k, v, g, beta, return_all_states=True, **kw)
     if impl == "auto":
-        impl = "pallas" if on_gpu() else ("recurrent" if T <= 8 else "chunked")
-    if impl == "pallas":
-        name = "fused_recurrent_gated_delta_rule" if T <= 8 else "chunk_gated_delta_rule"
-        kernel = _kernel("pallas_kernels.gated_delta_rule", name)
-        if kernel is not None:
+        impl = "pallas" if on_gpu() and T > 8 else ("recurrent" if T <= 8 else "chunked")
+    if impl == "pallas" and T > 8:
+        chunk = _kernel("pallas_kernels.gated_delta_rule", "chunk_gated_delta_rule")
+        if chunk is not None:
             interpret = not on_gpu()
-            return _gdn_kernel(kernel, mesh, q, k, v, g, beta, initial_state, interpret=interpret)
-        impl = "chunked"
+            return _gdn_kernel(chunk, mesh, q, k, v, g, beta, initial_state, interpret=interpret)
+    if impl in ("pallas", "chunked"):  # no kernels here: the chunked reference
+        return chunk_gated_delta_rule_ref(q, k, v, g, beta, chunk_size=chunk_size, **kw)
     if impl == "recurrent":
         return recurrent_gated_delta_rule(q, k, v, g, beta, **kw)
-    if impl == "chunked":
-        return chunk_gated_delta_rule_ref(q, k, v, g, beta, chunk_size=chunk_size, **kw)
     raise ValueError(f"gdn_impl={impl!r}; allowed: 'auto', 'pallas', 'chunked', 'recurrent'")
 
 
 def _decode_kernel_applies(impl: str, T: int, return_all_states: bool) -> bool:
-    """Whether gated_delta_rule runs the fused decode kernel: on the GPU ("auto") for T <= 8
-    and for any pass that keeps all states; with impl="pallas" for T <= 8 on any backend."""
-    if impl == "pallas":
-        return T <= 8
-    return impl == "auto" and on_gpu() and (T <= 8 or return_all_states)
+    """Whether gated_delta_rule runs the fused decode (token-loop) kernel: for T <= 8, and for
+    any pass that keeps every position's state; on the GPU ("auto") or on any backend
+    (impl="pallas", interpret mode off the GPU)."""
+    if impl not in ("auto", "pallas") or not (T <= 8 or return_all_states):
+        return False
+    return impl == "pallas" or on_gpu()
 
 
 def _gdn_kernel(kernel, mesh, q, k, v, g, beta, initial_state, state_layer=None, **kw):
+    """A GDN kernel per device on its heads; with state_layer, initial_state is the layer stack
+    [L, B, HV, K, V] (the decode kernel updates it in place)."""
     if initial_state is None and mesh is not None:  # shard_map needs an array to split
         (B, _, _, K), (HV, V) = q.shape, v.shape[2:]
         initial_state = jnp.zeros((B, HV, K, V), jnp.float32)
     state_axes = STATE_AXES if state_layer is None else ("layers", *STATE_AXES)
     out_axes = (V_AXES, state_axes, ALL_STATES_AXES)[: 3 if kw.get("return_all_states") else 2]
     in_axes = (QK_AXES, QK_AXES, V_AXES, GATE_AXES, GATE_AXES, state_axes)
-    if state_layer is None:
+    args = (q, k, v, g, beta, initial_state)
+    if state_layer is not None:  # a replicated int32 scalar
+        in_axes, args = (*in_axes, ()), (*args, jnp.asarray(state_layer, jnp.int32))
 
-        def run(q, k, v, g, beta, state):
-            return tuple(kernel(q, k, v, g, beta, initial_state=state, use_qk_l2norm=True, **kw))
+    def run(q, k, v, g, beta, state, *layer):
+        at = {"state_layer": layer[0]} if layer else {}
+        return tuple(kernel(q, k, v, g, beta, initial_state=state, use_qk_l2norm=True, **at, **kw))
 
-        return sharding.per_shard(run, mesh, in_axes, out_axes)(q, k, v, g, beta, initial_state)
-
-    def run_stacked(q, k, v, g, beta, stack, layer):
-        return tuple(
-            kernel(
-                q, k, v, g, beta, initial_state=stack, state_layer=layer, use_qk_l2norm=True, **kw
-            )
-        )
-
-    layer = jnp.asarray(state_layer, jnp.int32)
-    return sharding.per_shard(run_stacked, mesh, (*in_axes, ()), out_axes)(
-        q, k, v, g, beta, initial_state, layer
-    )
+    return sharding.per_shard(run, mesh, in_axes, out_axes)(*args)
 
 
 # ---- causal depthwise conv1d ---------------------------------------------------------------
