@@ -167,17 +167,20 @@ def attach_profile(row: dict, profile_fn, *args) -> None:
         row["profile_error"] = repr(e)[:300]
 
 
-HLO_DIR = None  # --hlo-dir: where the profiled programs' compiled HLO is written
+HLO_DIR = None  # --hlo-dir: where the profiled programs' compiled HLO and traces are written
 PROFILE_TOP = 30  # --profile-top: costliest kernels kept per profile (in --json)
 
 
 def profile_program(jitted, args, run, steps: int):
     hlo = jitted.lower(*args).compile().as_text()  # the program `run` executes: its op names
+    trace = None
     if HLO_DIR:
         os.makedirs(HLO_DIR, exist_ok=True)
-        with open(os.path.join(HLO_DIR, f"{jitted.__name__}_{len(ROWS)}.hlo.txt"), "w") as fh:
+        stem = os.path.join(HLO_DIR, f"{jitted.__name__}_{len(ROWS)}")
+        with open(stem + ".hlo.txt", "w") as fh:
             fh.write(hlo)
-    out = profile_breakdown(run, hlo, steps=steps, top=PROFILE_TOP)
+        trace = stem + ".trace.json.gz"
+    out = profile_breakdown(run, hlo, steps=steps, top=PROFILE_TOP, keep_trace=trace)
     out["all_reduce_ops"] = hlo.count(" all-reduce(") + hlo.count(" all-reduce-start(")
     return out
 
@@ -314,7 +317,11 @@ def main():
     ap.add_argument("--slots", type=int, default=0, help="engine slots (default: the batch)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--hlo-dir", default=None, help="write the profiled programs' compiled HLO")
+    ap.add_argument(
+        "--hlo-dir",
+        default=None,
+        help="write the profiled programs' compiled HLO and profiler traces",
+    )
     ap.add_argument("--profile-top", type=int, default=30, help="costliest kernels per profile")
     ap.add_argument("--dry-run", action="store_true", help="tiny config: checks the script")
     args = ap.parse_args()

@@ -14,6 +14,7 @@ import glob
 import gzip
 import json
 import re
+import shutil
 import statistics
 import tempfile
 import time
@@ -225,11 +226,14 @@ def _device_events(trace: dict, device_id: int = 0):
         yield e["name"], e.get("args", {}), float(e.get("dur", 0)), float(e.get("ts", 0))
 
 
-def profile_breakdown(run, hlo_text: str, steps: int, device_id: int = 0, top: int = 30) -> dict:
+def profile_breakdown(
+    run, hlo_text: str, steps: int, device_id: int = 0, top: int = 30, keep_trace: str | None = None
+) -> dict:
     """Run `run()` (it must block) under the profiler; returns {component: us per step} of
     kernel time on one device, plus 'busy' (sum), 'span' (first kernel start to last end),
     'kernels' (launches per step), 'launches' ({component: launches per step}) and 'top' (the
-    `top` costliest kernels: component, name, HLO op, us, the op's source scope). Raises
+    `top` costliest kernels: component, name, HLO op, us, the op's source scope). keep_trace:
+    a path to copy the perfetto trace (.json.gz) to, to read the step kernel by kernel. Raises
     RuntimeError when the trace has no device events."""
     names = hlo_op_names(hlo_text)
     with tempfile.TemporaryDirectory() as d:
@@ -238,6 +242,8 @@ def profile_breakdown(run, hlo_text: str, steps: int, device_id: int = 0, top: i
         paths = glob.glob(f"{d}/**/perfetto_trace.json.gz", recursive=True)
         if not paths:
             raise RuntimeError("the profiler wrote no perfetto_trace.json.gz")
+        if keep_trace:
+            shutil.copyfile(paths[0], keep_trace)
         with gzip.open(paths[0]) as fh:
             trace = json.load(fh)
     per, by_kernel, launches = collections.Counter(), collections.Counter(), collections.Counter()
