@@ -313,6 +313,9 @@ def main():
     ap.add_argument(
         "--attention-impl", nargs="+", default=["auto"], help="prefill cases per attention impl"
     )
+    ap.add_argument(
+        "--linear-impl", nargs="+", default=["auto"], help="decode cases per projection impl"
+    )
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--slots", type=int, default=0, help="engine slots (default: the batch)")
     ap.add_argument("--reps", type=int, default=3)
@@ -372,15 +375,16 @@ def main():
             args.long_prompt_chunk,
             cfg.vocab_size,
         )
-    for impl, scan in itertools.product(args.moe_impl, args.scan_layers):
+    for impl, scan, lin in itertools.product(args.moe_impl, args.scan_layers, args.linear_impl):
         changes = {
             k: v
-            for k, v in (("moe_impl", impl), ("scan_layers", bool(scan)))
+            for k, v in (("moe_impl", impl), ("scan_layers", bool(scan)), ("linear_impl", lin))
             if v != getattr(model.opts, k)
         }
         m = with_options(model, **changes) if changes else model
         tag = "" if len(args.moe_impl) == 1 else f" moe={impl}"
         tag += "" if scan else " unrolled"
+        tag += "" if len(args.linear_impl) == 1 else f" linear={lin}"
         for b in args.batch:
             guarded(
                 decode_case,

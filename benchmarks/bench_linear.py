@@ -7,8 +7,8 @@ before), on the 80B model's per-GPU shapes under 2-way tensor parallelism.
 
 Both read layer 1 of a 2-layer stack [2, K, M] in bf16 with the layer index traced. Floor: the
 weight's bytes at 4.3 TB/s. Times: the median of `reps` calls of one jitted loop of `inner`
-chained calls, per call (the chaining adds one small fusion per call to both). --sweep times
-the K splits on every case.
+chained calls unrolled, per call (the chaining adds one small fusion per call to both).
+--sweep times the K splits on every case.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def xla_dot(x, w, layer):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="*", default=[1, 8, 64])
-    ap.add_argument("--inner", type=int, default=100)
+    ap.add_argument("--inner", type=int, default=50)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--dry-run", action="store_true")
@@ -60,7 +60,7 @@ def main():
     shapes = DRY_SHAPES if args.dry_run else SHAPES
     inner, reps = (2, 1) if args.dry_run else (args.inner, args.reps)
     print(f"jax {jax.__version__} | {jax.devices()[0].device_kind}")
-    rows = []
+    rows, chain_us = [], {}
     for name, K, M in shapes:
         key = jax.random.split(jax.random.key(K + M), 2)
         w = (0.02 * jax.random.normal(key[0], (2, K, M), jnp.float32)).astype(jnp.bfloat16)
@@ -85,13 +85,19 @@ def main():
                 except ValueError:
                     continue
                 fn = lambda x, w, layer, b=b: linear(x, w, layer, interpret=interpret, blocks=b)  # noqa: E731
-                us = time_chained(fn, (x, w, layer), feed, inner, reps) * 1e6
+                us = time_chained(fn, (x, w, layer), feed, inner, reps, unroll=True) * 1e6
                 tag = "auto" if S is None else S
                 print(f"  {name} N={N} splits={tag} plan={plan(K, M, b)}: {us:.2f} us")
                 if S is None:
                     auto_us = us
                 best = us if best is None else min(best, us)
-            xla_us = time_chained(xla_dot, (x, w, layer), feed, inner, reps) * 1e6
+            if (N, K) not in chain_us:  # the chaining's own cost per call, in both columns
+                chain_us[N, K] = (
+                    time_chained(lambda x, w, layer: x, (x, w, layer), feed, inner, reps, True)
+                    * 1e6
+                )
+                print(f"  chaining alone N={N} K={K}: {chain_us[N, K]:.2f} us")
+            xla_us = time_chained(xla_dot, (x, w, layer), feed, inner, reps, unroll=True) * 1e6
             rows.append((name, N, K, M, auto_us, best, xla_us, floor_us, err))
     print(
         "\n| projection | N | K x M | ours us | best split us | XLA us | floor us | XLA / ours "

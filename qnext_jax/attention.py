@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qnext_jax import ops
+from qnext_jax import ops, sharding
 from qnext_jax.cache import KV_AXES, CacheSlots, LayerCache
 from qnext_jax.config import Qwen3NextConfig, RuntimeOptions
 from qnext_jax.layers import Linear, RMSNorm, apply_partial_rope
@@ -28,29 +28,40 @@ class GatedAttention(nnx.Module):
         )
         self.n_heads, self.n_kv_heads, self.head_dim = H, KVH, Dh
         heads, kv_heads = ("embed", "heads"), ("embed", "kv_heads")
+        kw = dict(dtype=dtype, rngs=rngs, opts=opts)
+        # K/V projections per device only where the KV heads split evenly (else replicated)
+        kv_kw = kw if KVH % sharding.axis_size(opts.mesh, "kv_heads") == 0 else dict(kw, opts=None)
         # q_proj: per head [q | gate], so splitting its columns by heads keeps the pairs together
-        self.q_proj = Linear(D, H * 2 * Dh, dtype=dtype, rngs=rngs, axes=heads)
-        self.k_proj = Linear(D, KVH * Dh, dtype=dtype, rngs=rngs, axes=kv_heads)
-        self.v_proj = Linear(D, KVH * Dh, dtype=dtype, rngs=rngs, axes=kv_heads)
-        self.o_proj = Linear(H * Dh, D, dtype=dtype, rngs=rngs, axes=("heads", "embed"))
+        self.q_proj = Linear(D, H * 2 * Dh, axes=heads, **kw)
+        self.k_proj = Linear(D, KVH * Dh, axes=kv_heads, **kv_kw)
+        self.v_proj = Linear(D, KVH * Dh, axes=kv_heads, **kv_kw)
+        self.o_proj = Linear(H * Dh, D, axes=("heads", "embed"), **kw)
         self.q_norm = RMSNorm(Dh, cfg.rms_norm_eps, dtype=dtype)
         self.k_norm = RMSNorm(Dh, cfg.rms_norm_eps, dtype=dtype)
         self.impl, self.mesh = opts.attention_impl, opts.mesh
 
     def __call__(
-        self, x, cos, sin, positions, cache: LayerCache | None, slots: CacheSlots | None = None
+        self,
+        x,
+        cos,
+        sin,
+        positions,
+        cache: LayerCache | None,
+        slots: CacheSlots | None = None,
+        layer=None,
     ):
         """x [B,T,D]; cos/sin [B,T,R]; positions [B,T] (-1: padding, writes nothing).
 
         Without a cache the T tokens attend among themselves; with one, K/V are written at
         their positions (in cache row slots.rows[b], or b, of the layer in the stack) and the
-        queries attend over the whole cache row."""
+        queries attend over the whole cache row. layer: this layer's index in LayerStack's
+        scan (the projections' weights may be the whole stacks)."""
         B, T, _ = x.shape
         H, KVH, Dh = self.n_heads, self.n_kv_heads, self.head_dim
-        qg = self.q_proj(x).reshape(B, T, H, 2 * Dh)
+        qg = self.q_proj(x, layer).reshape(B, T, H, 2 * Dh)
         q, gate = qg[..., :Dh], qg[..., Dh:].reshape(B, T, H * Dh)
-        k = self.k_proj(x).reshape(B, T, KVH, Dh)
-        v = self.v_proj(x).reshape(B, T, KVH, Dh)
+        k = self.k_proj(x, layer).reshape(B, T, KVH, Dh)
+        v = self.v_proj(x, layer).reshape(B, T, KVH, Dh)
         q = apply_partial_rope(self.q_norm(q), cos, sin)  # RoPE after the q/k norm
         k = apply_partial_rope(self.k_norm(k), cos, sin)
         q = constrain(q, ("batch", None, "heads", None), self.mesh)
@@ -103,4 +114,4 @@ class GatedAttention(nnx.Module):
                 chunk=chunk,
             )
         out = out.reshape(B, T, H * Dh) * jax.nn.sigmoid(gate)  # the output gate
-        return self.o_proj(out), cache
+        return self.o_proj(out, layer), cache

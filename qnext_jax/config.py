@@ -310,6 +310,8 @@ class RuntimeOptions:
     gdn_impl: Literal["auto", "pallas", "chunked", "recurrent"] = "auto"
     attention_impl: Literal["auto", "dense", "blockwise", "cudnn", "pallas"] = "auto"
     moe_impl: Literal["auto", "pallas", "gather", "grouped", "ragged", "dense"] = "auto"
+    # projections of decode-sized batches: "auto" = the Pallas kernel on the GPU (ops.linear)
+    linear_impl: Literal["auto", "pallas", "xla"] = "auto"
     chunk_size: int = 64
     scan_layers: bool = True
     mesh: Any = None  # jax.sharding.Mesh for tensor / expert parallelism (qnext_jax.sharding)

@@ -31,8 +31,9 @@ class GatedDeltaNet(nnx.Module):
         R = HV // H
         self.dims = (H, HV, K, V, R)
         k_heads = ("embed", "k_heads")  # out axes grouped per key head: splits by key heads
-        self.in_proj_qkvz = Linear(D, H * (2 * K + 2 * R * V), dtype=dtype, rngs=rngs, axes=k_heads)
-        self.in_proj_ba = Linear(D, H * 2 * R, dtype=dtype, rngs=rngs, axes=k_heads)
+        kw = dict(dtype=dtype, rngs=rngs, opts=opts)
+        self.in_proj_qkvz = Linear(D, H * (2 * K + 2 * R * V), axes=k_heads, **kw)
+        self.in_proj_ba = Linear(D, H * 2 * R, axes=k_heads, **kw)
         self.conv_w = nnx.Param(  # [W, C]
             _init(rngs, (W, H * (2 * K + R * V)), dtype, std=0.3), axes=(None, "k_heads")
         )
@@ -42,7 +43,7 @@ class GatedDeltaNet(nnx.Module):
             axes=("v_heads",),
         )
         self.norm = GatedRMSNorm(V, cfg.rms_norm_eps, dtype=dtype)
-        self.out_proj = Linear(HV * V, D, dtype=dtype, rngs=rngs, axes=("v_heads", "embed"))
+        self.out_proj = Linear(HV * V, D, axes=("v_heads", "embed"), **kw)
         self.gdn_impl, self.chunk_size, self.mesh = opts.gdn_impl, opts.chunk_size, opts.mesh
 
     def __call__(
@@ -53,20 +54,22 @@ class GatedDeltaNet(nnx.Module):
         slots: CacheSlots | None = None,
         *,
         return_all_states=False,
+        layer=None,
     ):
         """x [B,T,D]; positions [B,T] with -1 marking right padding (an exact no-op on the state).
 
         Returns (out [B,T,D], new cache or None); with return_all_states also the recurrent
         and conv states after every position (for speculative-decoding rollback). Without
         slots the recurrent state is handed to the kernel as the whole stack and updated there
-        (in place on the GPU's decode path)."""
+        (in place on the GPU's decode path). layer: this layer's index in LayerStack's scan
+        (the projections' weights may be the whole stacks)."""
         B, T, _ = x.shape
         H, HV, K, V, R = self.dims
         valid = positions >= 0
-        qkvz = self.in_proj_qkvz(x).reshape(B, T, H, 2 * K + 2 * R * V)
+        qkvz = self.in_proj_qkvz(x, layer).reshape(B, T, H, 2 * K + 2 * R * V)
         mixed = qkvz[..., : 2 * K + R * V].reshape(B, T, -1)  # conv input, grouped per key head
         z = qkvz[..., 2 * K + R * V :].reshape(B, T, HV, V)
-        ba = self.in_proj_ba(x).reshape(B, T, H, 2 * R)
+        ba = self.in_proj_ba(x, layer).reshape(B, T, H, 2 * R)
         b, a = ba[..., :R].reshape(B, T, HV), ba[..., R:].reshape(B, T, HV)
 
         conv_in = state_in = state_layer = None
@@ -109,7 +112,7 @@ class GatedDeltaNet(nnx.Module):
         )
         o, state = result[0], result[1]
         y = self.norm(o, z).reshape(B, T, HV * V)
-        out = self.out_proj(y)
+        out = self.out_proj(y, layer)
 
         new_cache = None
         if cache is not None:

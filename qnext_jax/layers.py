@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qnext_jax.config import RopeScaling
+from qnext_jax import ops
+from qnext_jax.config import RopeScaling, RuntimeOptions
 
 
 def _init(rngs: nnx.Rngs | None, shape, dtype, std: float = 0.02):
@@ -24,7 +25,9 @@ def _init(rngs: nnx.Rngs | None, shape, dtype, std: float = 0.02):
 class Linear(nnx.Module):
     """y = x @ w with w stored [in, out] (HF stores [out, in]; the converter transposes).
 
-    axes: the logical axes of w (see qnext_jax.sharding), e.g. ("embed", "heads")."""
+    axes: the logical axes of w (see qnext_jax.sharding), e.g. ("embed", "heads").
+    opts: where given, decode-sized inputs may take the Pallas projection kernel
+    (opts.linear_impl, per device on opts.mesh; ops.linear); without, always XLA's dot."""
 
     def __init__(
         self,
@@ -34,11 +37,18 @@ class Linear(nnx.Module):
         dtype,
         rngs: nnx.Rngs | None,
         axes: tuple[str | None, str | None] = (None, None),
+        opts: RuntimeOptions | None = None,
     ):
         self.w = nnx.Param(_init(rngs, (d_in, d_out), dtype), axes=axes)
+        self.axes = axes
+        self.impl, self.mesh = (opts.linear_impl, opts.mesh) if opts else ("xla", None)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.dot(x, self.w[...].astype(x.dtype))
+    def __call__(self, x: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+        """layer: set inside LayerStack's scan, where w may be the whole stack [L, in, out]
+        (kept whole for decode-sized batches) and layer picks this layer's weight."""
+        w = self.w[...]
+        layer = layer if w.ndim == 3 else None
+        return ops.linear(x, w, layer, axes=self.axes, impl=self.impl, mesh=self.mesh)
 
 
 class RMSNorm(nnx.Module):
@@ -71,13 +81,15 @@ class GatedRMSNorm(nnx.Module):
 class SwiGLU(nnx.Module):
     """(silu(x Wg) * (x Wu)) Wd: the dense MLP and the shared expert."""
 
-    def __init__(self, d_model: int, d_ff: int, *, dtype, rngs: nnx.Rngs | None):
-        self.gate_proj = Linear(d_model, d_ff, dtype=dtype, rngs=rngs, axes=("embed", "ffw"))
-        self.up_proj = Linear(d_model, d_ff, dtype=dtype, rngs=rngs, axes=("embed", "ffw"))
-        self.down_proj = Linear(d_ff, d_model, dtype=dtype, rngs=rngs, axes=("ffw", "embed"))
+    def __init__(self, d_model: int, d_ff: int, *, dtype, rngs: nnx.Rngs | None, opts=None):
+        kw = dict(dtype=dtype, rngs=rngs, opts=opts)
+        self.gate_proj = Linear(d_model, d_ff, axes=("embed", "ffw"), **kw)
+        self.up_proj = Linear(d_model, d_ff, axes=("embed", "ffw"), **kw)
+        self.down_proj = Linear(d_ff, d_model, axes=("ffw", "embed"), **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+        gate, up = self.gate_proj(x, layer), self.up_proj(x, layer)
+        return self.down_proj(jax.nn.silu(gate) * up, layer)
 
 
 # ---- rotary embedding ----------------------------------------------------------------------

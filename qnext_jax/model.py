@@ -11,12 +11,14 @@ L axis and iterated with `lax.scan`, so the 48-layer model compiles in about the
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qnext_jax import ops
 from qnext_jax.attention import GatedAttention
 from qnext_jax.cache import LayerCache, layer_cache, stacked
 from qnext_jax.config import FULL, LINEAR, Qwen3NextConfig, RuntimeOptions
@@ -45,7 +47,9 @@ class DecoderLayer(nnx.Module):
         if is_moe:
             self.mlp = SparseMoE(cfg, opts, dtype=dtype, rngs=rngs)
         else:
-            self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)
+            self.mlp = SwiGLU(
+                cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs, opts=opts
+            )
 
     def __call__(self, x, rope, positions, cache, slots=None, collect_states=False, layer=None):
         # named scopes label the compiled ops by block (benchmarks/profile_step.py reads them)
@@ -53,12 +57,14 @@ class DecoderLayer(nnx.Module):
         states = None
         if self.layer_type == LINEAR:
             with jax.named_scope("gdn"):
-                out = self.linear_attn(h, positions, cache, slots, return_all_states=collect_states)
+                out = self.linear_attn(
+                    h, positions, cache, slots, return_all_states=collect_states, layer=layer
+                )
             h, cache = out[0], out[1]
             states = out[2] if collect_states else None
         else:
             with jax.named_scope("attention"):
-                h, cache = self.self_attn(h, *rope, positions, cache, slots)
+                h, cache = self.self_attn(h, *rope, positions, cache, slots, layer)
         x = constrain(x + h, RESIDUAL, self.mesh)  # residual adds in the activation dtype
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, SparseMoE):
@@ -66,7 +72,7 @@ class DecoderLayer(nnx.Module):
                 h = self.mlp(h, layer=layer, valid=positions >= 0)
         else:
             with jax.named_scope("mlp"):
-                h = self.mlp(h)
+                h = self.mlp(h, layer)
         x = constrain(x + h, RESIDUAL, self.mesh)
         return x, cache, states
 
@@ -118,6 +124,7 @@ class LayerStack(nnx.Module):
                 var.set_metadata(axes=("layers", *var.get_metadata()["axes"]))
         self.group = nnx.merge(graphdef, stacked_state)
         self.pattern, self.repeats, self.scan = pattern, repeats, opts.scan_layers
+        self.linear_impl = opts.linear_impl
 
     def __call__(self, x, rope, positions, caches, slots=None, collect_states=False):
         graphdef, params = nnx.split(self.group)
@@ -125,8 +132,14 @@ class LayerStack(nnx.Module):
         # the layer index. Sliced per layer, they would be copied every step (a slice cannot
         # be a custom call's operand: on the 80B model that copied each layer's 1 GiB of local
         # experts per decode step, ~55 ms of a 70 ms step on 2 H200s).
-        whole = nnx.filter_state(params, _expert_stack)
-        sliced = nnx.filter_state(params, lambda path, v: not _expert_stack(path, v))
+        # Decode-sized batches keep the projections' stacks whole too: the Pallas projection
+        # kernel reads its layer in place (sliced, each layer's weights were copied before
+        # their dots, ~0.6 ms per step on the 80B model); larger batches slice them for XLA.
+        keep_whole = _expert_stack
+        if ops.linear_kernel_applies(self.linear_impl, math.prod(x.shape[:-1])):
+            keep_whole = _kernel_weight_stack
+        whole = nnx.filter_state(params, keep_whole)
+        sliced = nnx.filter_state(params, lambda path, v: not keep_whole(path, v))
 
         def body(h, caches, p, i):
             group = nnx.merge(graphdef, p, whole)
@@ -157,6 +170,12 @@ class LayerStack(nnx.Module):
 def _expert_stack(path, _value) -> bool:
     """The routed experts' weights (SparseMoE.gate_up / down) of a LayerStack."""
     return path[-1] in ("gate_up", "down") and "mlp" in path
+
+
+def _kernel_weight_stack(path, value) -> bool:
+    """The routed experts' and the projections' (Linear.w, [L, in, out]) weights of a
+    LayerStack."""
+    return _expert_stack(path, value) or (path[-1] == "w" and value.ndim == 3)
 
 
 @dataclasses.dataclass
@@ -201,7 +220,12 @@ class Qwen3NextForCausalLM(nnx.Module):
             None
             if cfg.tie_word_embeddings
             else Linear(
-                cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs, axes=("embed", "vocab")
+                cfg.hidden_size,
+                cfg.vocab_size,
+                dtype=dtype,
+                rngs=rngs,
+                axes=("embed", "vocab"),
+                opts=opts,
             )
         )
         self.mtp = (
@@ -221,9 +245,10 @@ class Qwen3NextForCausalLM(nnx.Module):
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., D] (post-norm) -> logits [..., vocab] in the activation dtype."""
-        w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head.w[...]
         with jax.named_scope("lm_head"):
-            return jnp.dot(hidden, w.astype(hidden.dtype))
+            if self.lm_head is not None:
+                return self.lm_head(hidden)
+            return jnp.dot(hidden, self.embed_tokens[...].T.astype(hidden.dtype))
 
     def init_cache(self, batch: int, max_len: int, *, kv_dtype=None, state_dtype=jnp.float32):
         """The hybrid cache: per segment, per pattern position, stacked over repeats."""

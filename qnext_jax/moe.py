@@ -26,29 +26,36 @@ class SparseMoE(nnx.Module):
     def __init__(self, cfg: Qwen3NextConfig, opts: RuntimeOptions, *, dtype, rngs):
         D, E, F = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
         self.top_k, self.normalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
-        self.gate = Linear(D, E, dtype=dtype, rngs=rngs, axes=("embed", None))  # the router
+        kw = dict(dtype=dtype, rngs=rngs, opts=opts)
+        self.gate = Linear(D, E, axes=("embed", None), **kw)  # the router
         # [E, D, gate F | up F]: F is not split (an even split of 2F would separate gate and up)
         self.gate_up = nnx.Param(_init(rngs, (E, D, 2 * F), dtype), axes=("experts", "embed", None))
         self.down = nnx.Param(_init(rngs, (E, F, D), dtype), axes=("experts", None, "embed"))
-        self.shared_expert = SwiGLU(D, cfg.shared_expert_intermediate_size, dtype=dtype, rngs=rngs)
-        self.shared_expert_gate = Linear(D, 1, dtype=dtype, rngs=rngs)
+        self.shared_expert = SwiGLU(D, cfg.shared_expert_intermediate_size, **kw)
+        self.shared_expert_gate = Linear(D, 1, **kw)
         self.impl, self.mesh = opts.moe_impl, opts.mesh
 
     def __call__(
         self, x: jax.Array, layer: jax.Array | None = None, valid: jax.Array | None = None
     ) -> jax.Array:
-        """x [..., D]. layer: set when gate_up / down hold the whole stack over layers
-        ([L, E, ...], inside LayerStack's scan) and picks this layer's experts.
+        """x [..., D]. layer: set inside LayerStack's scan, where gate_up / down hold the whole
+        stacks over layers ([L, E, ...]; the projections' weights may too) and it picks this
+        layer's.
         valid [...] bool: tokens that are False (padding, idle decode slots) are routed to no
         expert, so their rows cost no expert reads; their output is the shared expert's only."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
-        weights, experts = route(self.gate(x), self.top_k, self.normalize)
+        weights, experts = route(self.gate(x, layer), self.top_k, self.normalize)
         if valid is not None:  # id -1: held nowhere, every expert path skips it
             experts = jnp.where(valid.reshape(-1, 1), experts, -1)
-        scale = jax.nn.sigmoid(self.shared_expert_gate(x))  # [N, 1]
+        scale = jax.nn.sigmoid(self.shared_expert_gate(x, layer))  # [N, 1]
         se = self.shared_expert
         fold = sharding.shared_expert_joins_psum(self.mesh, se.gate_proj.w.shape[-1])
+
+        def weight(proj):  # this layer's weight of a (possibly whole) stack
+            w = proj.w[...]
+            return jax.lax.dynamic_index_in_dim(w, layer, keepdims=False) if w.ndim == 3 else w
+
         routed = ops.moe_experts(
             x,
             weights,
@@ -59,11 +66,11 @@ class SparseMoE(nnx.Module):
             mesh=self.mesh,
             layer=layer,
             # one collective per layer: the shared expert's partial sums join the experts' psum
-            shared=(se.gate_proj.w[...], se.up_proj.w[...], se.down_proj.w[...], scale)
+            shared=(weight(se.gate_proj), weight(se.up_proj), weight(se.down_proj), scale)
             if fold
             else None,
         )
         if fold:
             return routed.reshape(shape)
-        shared = se(x) * scale
+        shared = se(x, layer) * scale
         return (routed + shared).reshape(shape)

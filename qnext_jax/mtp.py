@@ -25,7 +25,7 @@ class MultiTokenPredictor(nnx.Module):
         D, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.pre_fc_norm_embedding = RMSNorm(D, eps, dtype=dtype)
         self.pre_fc_norm_hidden = RMSNorm(D, eps, dtype=dtype)
-        self.fc = Linear(2 * D, D, dtype=dtype, rngs=rngs, axes=(None, "embed"))
+        self.fc = Linear(2 * D, D, dtype=dtype, rngs=rngs, axes=(None, "embed"), opts=opts)
         self.layers = nnx.List(
             [
                 DecoderLayer(cfg, opts, (FULL, cfg.is_moe_layer(i)), dtype=dtype, rngs=rngs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,62 @@ def _kernel(module: str, name: str):
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
         return None
+
+
+# ---- projections -----------------------------------------------------------------------------
+LINEAR_IMPLS = ("auto", "pallas", "xla")
+
+
+def linear_kernel_applies(impl: str, n_rows: int) -> bool:
+    """Whether projections of n_rows rows may take the Pallas kernel (`linear` still checks each
+    weight's shape): decode-sized batches (<= pallas_kernels.linear.MAX_ROWS rows), on the GPU
+    ("auto") or on any backend when asked for ("pallas", interpret mode off the GPU)."""
+    if impl not in LINEAR_IMPLS:
+        raise ValueError(f"linear_impl={impl!r}; allowed: " + ", ".join(map(repr, LINEAR_IMPLS)))
+    if impl == "xla" or _kernel("pallas_kernels.linear", "linear") is None:
+        return False
+    return n_rows <= _kernel("pallas_kernels.linear", "MAX_ROWS") and (impl == "pallas" or on_gpu())
+
+
+def linear(x, w, layer=None, *, axes=(None, None), impl: str = "auto", mesh=None):
+    """x [..., K] @ w [K, M] -> [..., M] in x's dtype (fp32 sums).
+
+    w may be a stack over layers [L, K, M] with `layer` (an int32 scalar, traced inside the
+    layer scan) picking one: the Pallas kernel reads it in place; XLA's dot takes the layer's
+    slice, which it copies first when the dot is a library call.
+    axes: w's logical axes (input, output). With a mesh the kernel runs per device on its
+    columns (output axis split) or on its rows of K (input axis split: the partial products
+    are summed across devices in x's dtype, as the tensor-parallel all-reduce elsewhere)."""
+    *lead, K = x.shape
+    n_rows = math.prod(lead)
+    kernel = _kernel("pallas_kernels.linear", "linear")
+    k_split, m_split = (sharding.axis_size(mesh, a) if a else 1 for a in axes)
+    if (
+        linear_kernel_applies(impl, n_rows)
+        and n_rows >= 1
+        and K % k_split == 0
+        and w.shape[-1] % m_split == 0
+        and _kernel("pallas_kernels.linear", "kernel_applies")(
+            n_rows, K // k_split, w.shape[-1] // m_split
+        )
+    ):
+        stacked = w.ndim == 3
+        in_axis = axes[0]
+
+        def run(x2, w, layer):
+            y = kernel(x2, w, layer if stacked else None, interpret=not on_gpu())
+            if in_axis and mesh is not None and k_split > 1:
+                y = jax.lax.psum(y, sharding.RULES[in_axis])
+            return y
+
+        w_axes = (("layers",) if stacked else ()) + tuple(axes)
+        run = sharding.per_shard(run, mesh, ((None, axes[0]), w_axes, ()), (None, axes[1]))
+        layer = jnp.asarray(0 if layer is None else layer, jnp.int32)
+        y = run(x.reshape(n_rows, K), w, layer)
+        return y.reshape(*lead, y.shape[-1])
+    if w.ndim == 3:
+        w = jax.lax.dynamic_index_in_dim(w, layer, keepdims=False)
+    return jnp.dot(x, w.astype(x.dtype))
 
 
 # ---- gated delta rule ------------------------------------------------------------------------

@@ -37,12 +37,14 @@ class LinearBlocks:
     """block_m: output columns per program; block_k: the K chunk per loop step (each capped at
     the largest power of 2 dividing its dimension, and >= 16); splits: K slices per column
     block, None picks enough for about target_programs programs while each slice keeps at
-    least min_k_per_split of K."""
+    least min_k_per_split of K. Defaults from an H200 sweep of the 80B model's per-GPU shapes
+    (1-64 rows, benchmarks/bench_linear.py): about one program per SM was best; more splits
+    cost more in the partial sums than they gained in parallelism."""
 
     block_m: int = 64
     block_k: int = 128
     splits: int | None = None
-    target_programs: int = 264
+    target_programs: int = 128
     min_k_per_split: int = 256
     num_warps: int = 4
     num_stages: int = 4

@@ -43,9 +43,9 @@ def test_linear_matches_reference(N, K, M, L, splits, dtype):
 
 
 def test_plan_splits_k_when_columns_are_few():
-    # 2048 columns in blocks of 64 are 32 programs: K is split until ~264 programs
-    assert plan(2048, 2048, LinearBlocks()) == (64, 128, 8)
-    assert plan(2048, 6144, LinearBlocks()) == (64, 128, 4)
+    # 2048 columns in blocks of 64 are 32 programs: K is split until ~128 programs
+    assert plan(2048, 2048, LinearBlocks()) == (64, 128, 4)
+    assert plan(2048, 6144, LinearBlocks()) == (64, 128, 2)
     assert plan(256, 64, LinearBlocks()) == (64, 128, 1)  # slices keep >= 256 rows of K
 
 

@@ -83,8 +83,9 @@ def test_expert_parallel_moe_equals_unsharded(impl, N):
 
 
 def test_kernels_run_per_device_on_their_heads():
-    """The Pallas GDN kernel (interpret mode on CPU) inside shard_map, split by heads, gives the
-    reference logits; the conv kernel per shard equals the unsharded reference."""
+    """The Pallas GDN, MoE and projection kernels (interpret mode on CPU) inside shard_map,
+    split by heads, experts and columns / rows, give the reference logits; the conv kernel per
+    shard equals the unsharded reference."""
     from pallas_kernels.causal_conv1d import causal_conv1d, causal_conv1d_ref
     from qnext_jax import ops
 
@@ -92,7 +93,9 @@ def test_kernels_run_per_device_on_their_heads():
     mesh = sharding.make_mesh(CFG, 8)
     model = Qwen3NextForCausalLM(
         CFG,
-        dataclasses.replace(OPTS, mesh=mesh, gdn_impl="pallas", moe_impl="pallas"),
+        dataclasses.replace(
+            OPTS, mesh=mesh, gdn_impl="pallas", moe_impl="pallas", linear_impl="pallas"
+        ),
         rngs=nnx.Rngs(0),
     )
     got = logits(sharding.shard_params(model, mesh=mesh, cfg=CFG), ids)
@@ -180,7 +183,9 @@ def test_greedy_generation_identical(impl, tp):
     """The engine on a TP mesh generates the unsharded tokens. With the "pallas" impls the
     GDN and attention kernels run per device on their heads (interpret mode): the decode
     kernels read the split cache stacks in place and the GDN one writes its state there. At
-    TP=4 the 2 KV heads are replicated, so attention takes XLA's path instead."""
+    TP=4 the 2 KV heads are replicated, so attention (and the K/V projections) take XLA's
+    path instead. The projection kernel runs per device on its columns, or on its rows of K
+    with the partial products summed across devices."""
     from qnext_jax.engine import Engine, EngineConfig
     from qnext_jax.sampling import SamplingParams
 
@@ -201,7 +206,9 @@ def test_greedy_generation_identical(impl, tp):
 
     want, _ = generate(build())
     mesh = sharding.make_mesh(CFG, tp)
-    opts = dataclasses.replace(OPTS, mesh=mesh, gdn_impl=impl, attention_impl=impl)
+    opts = dataclasses.replace(
+        OPTS, mesh=mesh, gdn_impl=impl, attention_impl=impl, linear_impl=impl
+    )
     model = Qwen3NextForCausalLM(CFG, opts, rngs=nnx.Rngs(0))
     got, engine = generate(sharding.shard_params(model, mesh=mesh, cfg=CFG), mesh)
     assert got == want
