@@ -13,15 +13,6 @@ from qnext_jax.config import Qwen3NextConfig, RuntimeOptions
 from qnext_jax.layers import Linear, SwiGLU, _init
 
 
-def route(logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
-    """logits [N, E] -> (weights [N, k] fp32, expert ids [N, k] int32): softmax, then top-k."""
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    weights, experts = jax.lax.top_k(probs, top_k)
-    if normalize:
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return weights, experts.astype(jnp.int32)
-
-
 class SparseMoE(nnx.Module):
     def __init__(self, cfg: Qwen3NextConfig, opts: RuntimeOptions, *, dtype, rngs):
         D, E, F = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
@@ -45,16 +36,15 @@ class SparseMoE(nnx.Module):
         expert, so their rows cost no expert reads; their output is the shared expert's only."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
-        weights, experts = route(self.gate(x, layer), self.top_k, self.normalize)
+        logits = self.gate(x, layer)
+        weights, experts = ops.route(
+            logits, self.top_k, self.normalize, impl=self.impl, mesh=self.mesh
+        )
         if valid is not None:  # id -1: held nowhere, every expert path skips it
             experts = jnp.where(valid.reshape(-1, 1), experts, -1)
         scale = jax.nn.sigmoid(self.shared_expert_gate(x, layer))  # [N, 1]
         se = self.shared_expert
         fold = sharding.shared_expert_joins_psum(self.mesh, se.gate_proj.w.shape[-1])
-
-        def weight(proj):  # this layer's weight of a (possibly whole) stack
-            w = proj.w[...]
-            return jax.lax.dynamic_index_in_dim(w, layer, keepdims=False) if w.ndim == 3 else w
 
         routed = ops.moe_experts(
             x,
@@ -66,9 +56,10 @@ class SparseMoE(nnx.Module):
             mesh=self.mesh,
             layer=layer,
             # one collective per layer: the shared expert's partial sums join the experts' psum
-            shared=(weight(se.gate_proj), weight(se.up_proj), weight(se.down_proj), scale)
+            shared=(se.gate_proj.w[...], se.up_proj.w[...], se.down_proj.w[...], scale)
             if fold
             else None,
+            shared_impl=se.gate_proj.impl,
         )
         if fold:
             return routed.reshape(shape)

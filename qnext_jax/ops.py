@@ -439,6 +439,28 @@ def _attention_blockwise(q, k, v, q_pos, k_pos, scale, block: int):
 MOE_IMPLS = ("gather", "ragged", "dense", "grouped", "pallas")
 
 
+def route(logits, k: int, normalize: bool, *, impl: str = "auto", mesh=None):
+    """The router: logits [N, E] -> (weights [N, k] fp32, expert ids [N, k] int32), fp32
+    softmax over E, the k largest, renormalised over the k when `normalize`. On the GPU ("auto")
+    or when asked for ("pallas") one Pallas program per token (pallas_kernels.moe.route_topk;
+    E a power of 2); else softmax + lax.top_k. Both pick the lowest index among equal values."""
+    kernel = _kernel("pallas_kernels.moe", "route_topk")
+    applies = _kernel("pallas_kernels.moe", "route_kernel_applies")
+    if (
+        kernel is not None
+        and (impl == "pallas" or (impl == "auto" and on_gpu()))
+        and applies(logits.shape[-1])
+    ):
+        run = functools.partial(kernel, k=k, normalize=normalize, interpret=not on_gpu())
+        rep = (None, None)  # the logits are replicated: each device routes every token
+        return sharding.per_shard(run, mesh, (rep,), (rep, rep))(logits)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, k)
+    if normalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, experts.astype(jnp.int32)
+
+
 def moe_experts(
     x,
     weights,
@@ -450,6 +472,7 @@ def moe_experts(
     mesh=None,
     layer=None,
     shared=None,
+    shared_impl: str = "xla",
 ):
     """sum_j weights[n, j] * Expert_{experts[n, j]}(x[n]).
 
@@ -460,7 +483,9 @@ def moe_experts(
     stacks [L,E,D,2F] / [L,E,F,D] and layer picks one: the Pallas kernel reads the stack in
     place, the XLA paths index it.
     shared: (w_gate, w_up, w_down, scale) of the shared expert, folded into the expert-parallel
-    psum (sharding.expert_parallel; only where sharding.shared_expert_joins_psum).
+    psum (sharding.expert_parallel; only where sharding.shared_expert_joins_psum). Its weights
+    may be whole stacks [L, ...] too (with `layer`); its projections run as `linear` with
+    impl=shared_impl, per device.
     With a mesh whose expert axis is > 1, each device runs its own experts on the (replicated)
     tokens routed to them and the partial sums are combined by one psum (sharding.expert_parallel
     says why psum rather than all-to-all)."""
@@ -483,8 +508,21 @@ def moe_experts(
     if shared is not None and not sharding.shared_expert_joins_psum(mesh, shared[0].shape[-1]):
         raise ValueError("shared= is only for meshes where sharding.shared_expert_joins_psum")
     if sharding.expert_parallel_size(mesh) > 1:
+
+        def project(x, w, layer):  # inside expert_parallel's shard_map: this device's slice
+            return linear(x, w, layer if w.ndim == 3 else None, impl=shared_impl)
+
         out = sharding.expert_parallel(
-            routed, mesh, x, weights, experts, w_gate_up, w_down, layer=layer, shared=shared
+            routed,
+            mesh,
+            x,
+            weights,
+            experts,
+            w_gate_up,
+            w_down,
+            layer=layer,
+            shared=shared,
+            project=project,
         )
     else:
         out = routed(x, weights, experts, w_gate_up, w_down, layer)

@@ -266,7 +266,16 @@ def shared_expert_joins_psum(mesh: Mesh | None, ffw: int) -> bool:
 
 
 def expert_parallel(
-    local_fn, mesh: Mesh, x, weights, experts, w_gate_up, w_down, layer=None, shared=None
+    local_fn,
+    mesh: Mesh,
+    x,
+    weights,
+    experts,
+    w_gate_up,
+    w_down,
+    layer=None,
+    shared=None,
+    project=None,
 ):
     """Routed experts split over the expert axis, tokens replicated.
 
@@ -277,7 +286,9 @@ def expert_parallel(
     in x's dtype.
     shared = (w_gate [D, Fs], w_up [D, Fs], w_down [Fs, D], scale [N, 1]): the shared expert,
     split on Fs; each device adds scale * its partial SwiGLU to its routed partial sum before
-    the one psum (only where `shared_expert_joins_psum`).
+    the one psum (only where `shared_expert_joins_psum`). Its weights may be stacked over
+    layers ([L, D, Fs], ...) with `layer`. project(x, w, layer) -> x @ w (w[layer] when
+    stacked) runs its projections on the device's slices (default: XLA's dot).
 
     Why replicated tokens + psum, not all-to-all: under tensor parallelism the residual stream
     is already replicated on every device, so there is nothing to dispatch. Decode (1-64 tokens)
@@ -292,6 +303,11 @@ def expert_parallel(
     axis = RULES["experts"]
     stacked = layer is not None
     w_spec = PartitionSpec(*((None,) * stacked), axis, None, None)
+    if project is None:
+
+        def project(x, w, layer):
+            w = jax.lax.dynamic_index_in_dim(w, layer, keepdims=False) if w.ndim == 3 else w
+            return jnp.dot(x, w.astype(x.dtype))
 
     def body(x, weights, experts, gu, down, layer, *shared):
         n_local = gu.shape[-3]
@@ -300,9 +316,9 @@ def expert_parallel(
         out = local_fn(x, weights, ids, gu, down, layer if stacked else None)
         if shared:
             w_gate, w_up, w_down, scale = shared
-            h = jax.nn.silu(x @ w_gate.astype(x.dtype)) * (x @ w_up.astype(x.dtype))
-            part = jnp.dot(h, w_down.astype(x.dtype), preferred_element_type=jnp.float32)
-            out = out + part * scale.astype(jnp.float32)
+            h = jax.nn.silu(project(x, w_gate, layer)) * project(x, w_up, layer)
+            part = project(h, w_down, layer)  # in x's dtype, as the unfolded shared expert
+            out = out + part.astype(jnp.float32) * scale.astype(jnp.float32)
         # The partial sums travel in the activation dtype (bf16: half the bytes of fp32, as
         # tensor-parallel all-reduces do elsewhere): each partial is rounded, and so is every
         # step of the reduction (one step at EP=2, more on larger meshes).
@@ -313,7 +329,13 @@ def expert_parallel(
     specs = (rep, rep, rep, w_spec, w_spec, rep)
     if shared is not None:
         ffw = RULES["ffw"]
-        specs += (PartitionSpec(None, ffw), PartitionSpec(None, ffw), PartitionSpec(ffw, None), rep)
+        lead = (None,) * (shared[0].ndim - 2)  # a stacked layer axis
+        specs += (
+            PartitionSpec(*lead, None, ffw),
+            PartitionSpec(*lead, None, ffw),
+            PartitionSpec(*lead, ffw, None),
+            rep,
+        )
     # check_vma off: local loops (the grouped path's fori_loop) start from unvarying zeros
     fn = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=rep, check_vma=False)
     return fn(x, weights, experts, w_gate_up, w_down, layer, *(shared or ()))

@@ -1,4 +1,5 @@
-"""Routed experts (MoE): pure-jnp reference and the grouped Pallas kernels (decode and prefill)."""
+"""Routed experts (MoE): pure-jnp references, the router's top-k kernel and the grouped Pallas
+kernels (decode and prefill)."""
 
 from pallas_kernels.moe.grouped import (
     MAX_TOKENS,
@@ -8,6 +9,12 @@ from pallas_kernels.moe.grouped import (
     moe_experts_prefill,
 )
 from pallas_kernels.moe.reference import moe_experts_decode_ref, validate_moe_inputs
+from pallas_kernels.moe.routing import (
+    route_kernel_applies,
+    route_topk,
+    route_topk_ref,
+    validate_route_inputs,
+)
 
 __all__ = [
     "MAX_TOKENS",
@@ -16,5 +23,9 @@ __all__ = [
     "moe_experts_decode",
     "moe_experts_decode_ref",
     "moe_experts_prefill",
+    "route_kernel_applies",
+    "route_topk",
+    "route_topk_ref",
     "validate_moe_inputs",
+    "validate_route_inputs",
 ]

@@ -67,7 +67,7 @@ def test_expert_parallel_moe_equals_unsharded(impl, N):
     """Every expert path inside the expert-parallel shard_map (the forward tests hit only the
     decode-size gather path), on 8 devices with 2 experts each and a (4, 2) mesh."""
     from qnext_jax import ops
-    from qnext_jax.moe import route
+    from qnext_jax.ops import route
 
     ks = jax.random.split(jax.random.key(4), 4)
     x = jax.random.normal(ks[0], (N, 16))
