@@ -59,6 +59,10 @@ class MoEBlocks:
     num_warps: int = 4
     num_stages: int = 4
     block_m: int = 64  # rows per tile (prefill only; decode tiles hold R rows)
+    # Decode batches of at most this many tokens skip the grouped copies: gate_up reads each
+    # row's token from x by index and down stores each result at its pair's row (two XLA
+    # kernels fewer per call; at 64 tokens the indexed loads were slower than the copy).
+    gather_tokens: int = 8
 
 
 # Prefill: tiles of 64 rows, 64-wide reduction chunks, 3 stages. An H200 sweep at 8K tokens
@@ -67,13 +71,14 @@ class MoEBlocks:
 PREFILL_BLOCKS = MoEBlocks(block_d=64, block_fin=64, num_stages=3)
 
 
-def _gate_up_kernel(
-    expert_ref, count_ref, start_ref, x_ref, w_ref, h_ref, *, rows, block_f, block_d
-):
+def _gate_up_kernel(expert_ref, count_ref, start_ref, *refs, rows, block_f, block_d, gather):
     # expert_ref, count_ref, start_ref [U] int32: slot s runs expert e on the grouped rows
     #   [start, start + cnt) (cnt = 0: an empty slot)
-    # x_ref [M + R, D] grouped rows (R zero rows of padding)  w_ref [E, D, 2F] gate | up
+    # x_ref [M + R, D] grouped rows (R zero rows of padding); or with `gather`, token_ref
+    #   [M + R] int32 the token of each grouped row and x_ref [N, D] the tokens themselves
+    # w_ref [E, D, 2F] gate | up
     # out: h_ref [M + R, F] silu(gate) * up in x's dtype; rows of other slots left untouched
+    token_ref, x_ref, w_ref, h_ref = refs if gather else (None, *refs)
     s, f = pl.program_id(0), pl.program_id(1)
     e, cnt, start = expert_ref[s], count_ref[s], start_ref[s]
     F = h_ref.shape[1]
@@ -84,9 +89,15 @@ def _gate_up_kernel(
         gate = pl.ds(f * block_f, block_f)
         up = pl.ds(F + f * block_f, block_f)
 
+        tokens = token_ref[pl.ds(start, rows)][:, None] if gather else None  # [R, 1]
+
         def body(i, acc):
-            d = pl.ds(pl.multiple_of(i * block_d, block_d), block_d)
-            xs = plt.load(x_ref.at[pl.ds(start, rows), d], mask=mine, other=0)  # [R, BD]
+            d0 = pl.multiple_of(i * block_d, block_d)
+            d = pl.ds(d0, block_d)
+            if gather:  # [R, BD] read by token (all-array indices: interpret mode takes no mix)
+                xs = jnp.where(mine, x_ref[tokens, (d0 + jnp.arange(block_d))[None, :]], 0)
+            else:
+                xs = plt.load(x_ref.at[pl.ds(start, rows), d], mask=mine, other=0)  # [R, BD]
             wg = w_ref[e, d, gate].astype(xs.dtype)  # [BD, BF]
             wu = w_ref[e, d, up].astype(xs.dtype)
             acc_g, acc_u = acc
@@ -101,11 +112,12 @@ def _gate_up_kernel(
         plt.store(h_ref.at[pl.ds(start, rows), gate], act, mask=mine)
 
 
-def _down_kernel(
-    expert_ref, count_ref, start_ref, h_ref, w_ref, y_ref, *, rows, block_dout, block_fin
-):
+def _down_kernel(expert_ref, count_ref, start_ref, *refs, rows, block_dout, block_fin, scatter):
     # expert_ref, count_ref, start_ref [U] int32 as above  h_ref [M + R, F] silu(gate) * up
-    # w_ref [E, F, D]  ->  y_ref [M + R, D] fp32; rows of other slots untouched
+    # w_ref [E, F, D]  ->  y_ref [M + R, D] fp32; rows of other slots untouched. With
+    # `scatter`, pair_ref [M + R] int32 first: each grouped row's result is stored at its
+    # pair's row of y (token-major), not at its grouped row.
+    pair_ref, h_ref, w_ref, y_ref = refs if scatter else (None, *refs)
     s, o = pl.program_id(0), pl.program_id(1)
     e, cnt, start = expert_ref[s], count_ref[s], start_ref[s]
     out = pl.ds(o * block_dout, block_dout)
@@ -123,7 +135,12 @@ def _down_kernel(
 
         n_chunks = h_ref.shape[1] // block_fin
         acc = jax.lax.fori_loop(0, n_chunks, body, jnp.zeros((rows, block_dout), jnp.float32))
-        plt.store(y_ref.at[pl.ds(start, rows), out], acc, mask=mine)
+        if scatter:
+            pairs = pair_ref[pl.ds(start, rows)][:, None]  # [R, 1]
+            cols = (o * block_dout + jnp.arange(block_dout))[None, :]
+            plt.store(y_ref.at[pairs, cols], acc, mask=mine)
+        else:
+            plt.store(y_ref.at[pl.ds(start, rows), out], acc, mask=mine)
 
 
 def _block(name: str, want: int, dim: int, dim_name: str) -> int:
@@ -139,7 +156,7 @@ def _block(name: str, want: int, dim: int, dim_name: str) -> int:
     return b
 
 
-def _group_by_expert(x, experts, E: int, R: int):
+def _group_by_expert(x, experts, E: int, R: int, gather: bool = False):
     """Decode grouping: the (token, slot) pairs grouped by expert, by compare-and-count over the
     M = N * k <= 640 pairs (no sort: a few fused XLA ops; argsort + bincount + nonzero were 15 us
     slower at N=1); one tile per touched expert.
@@ -147,7 +164,9 @@ def _group_by_expert(x, experts, E: int, R: int):
     Returns pos [M] (a permutation: the grouped row of each pair, ids outside [0, E) last);
     tiles = (expert, count, start) [U] int32, U = min(E, M): the touched experts in increasing
     order, then empty tiles of count 0; x_grouped [M + R, D] (R zero rows at the end, so a run
-    of R rows from any start stays inside the array)."""
+    of R rows from any start stays inside the array). With `gather`, instead of x_grouped the
+    rows' (token, pair) [M + R] int32 (`_row_sources`), for the kernels to read x and write y
+    in place."""
     N, k = experts.shape
     M, U = N * k, min(E, N * k)
     flat = experts.reshape(-1).astype(jnp.int32)
@@ -156,14 +175,27 @@ def _group_by_expert(x, experts, E: int, R: int):
     starts = jnp.cumsum(counts) - counts  # [E + 1]
     same_before = jnp.tril(ids[:, None] == ids[None, :], -1)  # [M, M]: same id, earlier pair
     pos = starts[ids] + jnp.sum(same_before, axis=1, dtype=jnp.int32)  # stable within an id
-    x_grouped = jnp.zeros((M + R, x.shape[1]), x.dtype).at[pos].set(x[jnp.arange(M) // k])
+    if gather:
+        order = jnp.zeros((M,), jnp.int32).at[pos].set(jnp.arange(M, dtype=jnp.int32))
+        rows = _row_sources(order, k, R)
+    else:
+        rows = jnp.zeros((M + R, x.shape[1]), x.dtype).at[pos].set(x[jnp.arange(M) // k])
     # Tile u runs the (u+1)-th touched expert: the number of experts e with at most u touched
     # experts in 0..e (E when fewer than u + 1 are touched: an empty tile).
     n_touched = jnp.cumsum(counts[:E] > 0)  # [E]
     expert = jnp.sum(n_touched <= jnp.arange(U)[:, None], axis=1, dtype=jnp.int32)  # [U]
     count = jnp.where(expert < E, counts[expert], 0)
     expert = jnp.minimum(expert, E - 1)
-    return pos, (expert, count, starts[expert]), x_grouped
+    return pos, (expert, count, starts[expert]), rows
+
+
+def _row_sources(order, k: int, R: int):
+    """Per grouped row (M of them, then R spare rows so that a run of R rows from any start
+    stays inside): the token it reads (spare rows: token 0, masked) and the row of the result
+    it writes, its pair (spare rows: M, M + 1, ..., distinct and never read)."""
+    M = order.shape[0]
+    token = jnp.concatenate([order // k, jnp.zeros((R,), jnp.int32)])
+    return token, jnp.concatenate([order, jnp.arange(M, M + R, dtype=jnp.int32)])
 
 
 def _group_by_sort(x, experts, E: int, block_m: int):
@@ -210,9 +242,12 @@ def _check_stack(w_gate_up, w_down, layer):
     return L, [jax.ShapeDtypeStruct(w.shape[stacked:], w.dtype) for w in (w_gate_up, w_down)]
 
 
-def _grouped_experts(x, experts, w_gate_up, w_down, layer, group, rows, blocks, interpret):
-    """Validate, group the pairs (`group(x, experts, E)` -> pos, tiles, x_grouped), run the two
-    kernels over the tiles of `rows` rows and scatter back to [N, k, D] fp32."""
+def _grouped_experts(
+    x, experts, w_gate_up, w_down, layer, group, rows, blocks, interpret, gather=False
+):
+    """Validate, group the pairs (`group(x, experts, E)` -> pos, tiles, x_grouped or, with
+    `gather`, the rows' (token, pair)), run the two kernels over the tiles of `rows` rows and
+    return [N, k, D] fp32 in (token, slot) order."""
     L, per_layer = _check_stack(w_gate_up, w_down, layer)
     E, D, F = validate_moe_inputs(x, experts, *per_layer)
     # one layer's experts are rows [layer * E, (layer + 1) * E) of the flattened stack (a
@@ -223,36 +258,39 @@ def _grouped_experts(x, experts, w_gate_up, w_down, layer, group, rows, blocks, 
     BD = _block("block_d", blocks.block_d, D, "D")
     BO = _block("block_dout", blocks.block_dout, D, "D")
     BFin = _block("block_fin", blocks.block_fin, F, "F")
-    pos, tiles, x_grouped = group(x, experts, E)
+    pos, tiles, sources = group(x, experts, E)
     if layer is not None:
         offset = jnp.clip(jnp.asarray(layer, jnp.int32), 0, L - 1) * E
         tiles = (tiles[0] + offset, *tiles[1:])
-    U, P = tiles[0].shape[0], x_grouped.shape[0]
+    U, P = tiles[0].shape[0], (sources[0] if gather else sources).shape[0]
+    x_rows = (sources[0], x) if gather else (sources,)  # tokens read by index, or grouped rows
+    y_rows = (sources[1],) if gather else ()  # results stored at their pairs' rows
 
     whole = pl.BlockSpec()  # the whole array: the kernels index their expert and rows by hand
     h_grouped = pl.pallas_call(
-        functools.partial(_gate_up_kernel, rows=rows, block_f=BF, block_d=BD),
+        functools.partial(_gate_up_kernel, rows=rows, block_f=BF, block_d=BD, gather=gather),
         grid=(U, F // BF),
-        in_specs=[whole] * 5,
+        in_specs=[whole] * (4 + len(x_rows)),
         out_specs=whole,
         out_shape=jax.ShapeDtypeStruct((P, F), x.dtype),
         compiler_params=compiler_params(blocks.num_warps, blocks.num_stages),
         interpret=interpret,
         name="moe_gate_up",
-    )(*tiles, x_grouped, w_gate_up)
-    y_grouped = pl.pallas_call(
-        functools.partial(_down_kernel, rows=rows, block_dout=BO, block_fin=BFin),
+    )(*tiles, *x_rows, w_gate_up)
+    y_rows_out = pl.pallas_call(
+        functools.partial(_down_kernel, rows=rows, block_dout=BO, block_fin=BFin, scatter=gather),
         grid=(U, D // BO),
-        in_specs=[whole] * 5,
+        in_specs=[whole] * (5 + len(y_rows)),
         out_specs=whole,
         out_shape=jax.ShapeDtypeStruct((P, D), jnp.float32),
         compiler_params=compiler_params(blocks.num_warps, blocks.num_stages),
         interpret=interpret,
         name="moe_down",
-    )(*tiles, h_grouped, w_down)
+    )(*tiles, *y_rows, h_grouped, w_down)
 
     N, k = experts.shape
-    y = y_grouped[pos].reshape(N, k, D)  # back to (token, slot) order
+    # back to (token, slot) order: already there when the kernel stored by pair
+    y = (y_rows_out[: N * k] if gather else y_rows_out[pos]).reshape(N, k, D)
     here = (experts >= 0) & (experts < E)
     # Rows of ids not on this device were never written (uninitialised memory): zero them.
     return jnp.where(here[..., None], y, 0.0)
@@ -295,8 +333,11 @@ def moe_experts_decode(
             "more tokens: moe_experts_prefill)"
         )
     R = max(_MIN_ROWS, pl.next_power_of_2(N))
-    group = functools.partial(_group_by_expert, R=R)
-    return _grouped_experts(x, experts, w_gate_up, w_down, layer, group, R, blocks, interpret)
+    gather = N <= blocks.gather_tokens
+    group = functools.partial(_group_by_expert, R=R, gather=gather)
+    return _grouped_experts(
+        x, experts, w_gate_up, w_down, layer, group, R, blocks, interpret, gather=gather
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "blocks"))

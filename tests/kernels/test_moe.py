@@ -2,7 +2,8 @@
 
 Small experts (D=64..128, F=32..64, E=8..16) keep the interpret-mode runs quick; the cases cover
 one token, odd token counts, N > 16 (32 rows per program) with all tokens on one expert (a run
-of 17 rows), neighbouring runs kept apart, ids of experts on another device (== E, or negative),
+of 17 rows), neighbouring runs kept apart, rows read and written by index (small batches) or
+through grouped copies, ids of experts on another device (== E, or negative),
 bf16 and fp32, weights stored in another dtype than x, and the contract violations.
 """
 
@@ -70,6 +71,15 @@ def test_matches_reference(N, k, E, D, F, dtype, off_device):
     h_ref = run(moe_experts_decode_ref, *args)
     assert h.shape == (N, k, D) and h.dtype == jnp.float32
     assert rel_err(h, h_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("gather_tokens", [0, 32])
+def test_rows_by_index_or_by_copy_agree(gather_tokens):
+    """Both decode row paths: the grouped copies (gather_tokens=0) and the kernels reading x and
+    storing results by index (all 17 tokens, R = 32, foreign ids among them)."""
+    args = moe_inputs(17, 3, 8, 64, 32, jnp.float32, seed=9, off_device=0.2)
+    h = _kernel(*args, blocks=dataclasses.replace(SMALL, gather_tokens=gather_tokens))
+    assert rel_err(h, run(moe_experts_decode_ref, *args)) < TOL[jnp.float32]
 
 
 def test_off_device_ids_give_zero_rows():
