@@ -61,7 +61,6 @@ def linear(x, w, layer=None, *, axes=(None, None), impl: str = "auto", mesh=None
     k_split, m_split = (sharding.axis_size(mesh, a) if a else 1 for a in axes)
     if (
         linear_kernel_applies(impl, n_rows)
-        and n_rows >= 1
         and K % k_split == 0
         and w.shape[-1] % m_split == 0
         and _kernel("pallas_kernels.linear", "kernel_applies")(

@@ -221,11 +221,17 @@ def train_step(params, graphdef, optimizer, opt_state, ids, mask, lr):
 
 
 def train_options() -> RuntimeOptions:
-    """Differentiable pure-jnp ops (XLA attention, every expert on every token); the GDN
-    chunked (WY) form on GPU, the token recurrence on CPU (it compiles far faster there)."""
+    """Differentiable pure-jnp ops (XLA attention and projections, every expert on every
+    token); the GDN chunked (WY) form on GPU, the token recurrence on CPU (it compiles far
+    faster there)."""
     gdn = "chunked" if jax.default_backend() == "gpu" else "recurrent"
     return RuntimeOptions(
-        dtype="bfloat16", gdn_impl=gdn, attention_impl="dense", moe_impl="dense", scan_layers=True
+        dtype="bfloat16",
+        gdn_impl=gdn,
+        attention_impl="dense",
+        moe_impl="dense",
+        linear_impl="xla",
+        scan_layers=True,
     )
 
 
