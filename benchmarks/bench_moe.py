@@ -11,7 +11,8 @@ one GPU: the Pallas grouped GEMM vs the capacity-padded XLA grouped matmul). Flo
 the touched experts' bytes at 4.3 TB/s; prefill, the expert FLOPs of the local pairs at the
 XLA bf16 matmul ceiling, 770 TFLOP/s (shared/spec/anchors.md). Times: the median of `reps`
 calls of one jitted program that runs the layer `inner` times back to back (so host dispatch
-is amortised), per call. --sweep times a few prefill block shapes at N = 8K.
+is amortised), per call. --sweep times a few prefill block shapes at N = 8K; --rows-sweep the
+decode row paths (MoEBlocks.x_by_index_tokens / y_by_pair_tokens) at N = 1 / 8 / 16 / 64.
 """
 
 from __future__ import annotations
@@ -52,10 +53,10 @@ def inputs(N, E_all, E_here, D, F, k, seed=0):
     return x, ids, w_gu, w_d
 
 
-def time_per_call(fn, args, inner: int, reps: int) -> float:
+def time_per_call(fn, args, inner: int, reps: int, unroll: bool = False) -> float:
     """Seconds per call of fn(*args), chained through x (common.time_chained)."""
     feed = lambda x, h: x + (jnp.sum(h, axis=1) * 1e-30).astype(x.dtype)
-    return time_chained(fn, args, feed, inner, reps)
+    return time_chained(fn, args, feed, inner, reps, unroll)
 
 
 def grouped_xla(x, experts, w_gu, w_d):
@@ -71,6 +72,11 @@ def gather_xla(x, experts, w_gu, w_d):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument(
+        "--rows-sweep",
+        action="store_true",
+        help="decode: x read by index or from a grouped copy, results stored by pair or gathered",
+    )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args()
@@ -112,6 +118,21 @@ def main():
         err = float(jnp.max(jnp.abs(h - ref)) / jnp.max(jnp.abs(ref)))
         rows.append((f"prefill N={N} E={E_here}/{E_all}", ours, "XLA grouped", xla, floor, err))
         print(rows[-1], flush=True)
+
+    if args.rows_sweep:
+        print("\ndecode row paths (x by index, y by pair), ms per call, unrolled loop:")
+        for N in (1, 4) if dry else (1, 8, 16, 64):
+            a = inputs(N, E, E, D, F, k)
+            line = []
+            for xi, yp in ((0, 0), (1, 0), (0, 1), (1, 1)):
+                b = dataclasses.replace(
+                    dec_blocks, x_by_index_tokens=64 * xi, y_by_pair_tokens=64 * yp
+                )
+                fn = functools.partial(moe_experts_decode, blocks=b, **interp)
+                ms = time_per_call(fn, a, inner, reps, unroll=True) * 1e3
+                path = f"x {'index' if xi else 'copy'}, y {'pair' if yp else 'gather'}"
+                line.append(f"{path}: {ms:.4f}")
+            print(f"  N={N}: " + " | ".join(line), flush=True)
 
     if args.sweep:
         N = 64 if dry else 8192

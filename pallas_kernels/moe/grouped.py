@@ -2,6 +2,8 @@
 
 Outside the kernels (a few XLA ops) the N * k (token, slot) pairs are grouped by expert, so each
 expert's rows are one contiguous run, and the runs are cut into row tiles of one expert each.
+Small decode batches skip the grouped copies of the rows: the kernels read x and write the
+results by index (`MoEBlocks.x_by_index_tokens`, `y_by_pair_tokens`).
 Kernel 1 (gate_up + SwiGLU) has a program per (tile, block_f columns of F), kernel 2 (down) one
 per (tile, block_dout columns of D). A program streams its slice of the tile's expert weights
 and multiplies it with the tile's rows (a fixed number of rows, of which those past the tile's
@@ -59,12 +61,13 @@ class MoEBlocks:
     num_warps: int = 4
     num_stages: int = 4
     block_m: int = 64  # rows per tile (prefill only; decode tiles hold R rows)
-    # Decode batches of at most this many tokens skip the grouped copies (x scattered into
-    # grouped order, the results gathered back): gate_up reads each row's token from x by
-    # index and down stores each result at its pair's row. On the 80B model (2 H200s) a decode
-    # step at batch 8 gained 0.24 ms and batch 1 was unchanged (the rows' index bookkeeping
-    # adds small ops); at 64 tokens the indexed loads were slower than the copies.
-    gather_tokens: int = 8
+    # Decode batches of at most x_by_index_tokens tokens skip the grouped copy of x (gate_up
+    # reads each row's token from x by index); of at most y_by_pair_tokens, the gather of the
+    # results back to pair order (down stores each result at its pair's row). With both at 8,
+    # on the 80B model (2 H200s) a decode step at batch 8 gained 0.24 ms and batch 1 was
+    # unchanged; with both at 64, one call at 64 tokens was slower (0.68 -> 0.79 ms).
+    x_by_index_tokens: int = 8
+    y_by_pair_tokens: int = 8
 
 
 # Prefill: tiles of 64 rows, 64-wide reduction chunks, 3 stages. An H200 sweep at 8K tokens
@@ -158,17 +161,15 @@ def _block(name: str, want: int, dim: int, dim_name: str) -> int:
     return b
 
 
-def _group_by_expert(x, experts, E: int, R: int, gather: bool = False):
+def _group_by_expert(experts, E: int):
     """Decode grouping: the (token, slot) pairs grouped by expert, by compare-and-count over the
     M = N * k <= 640 pairs (no sort: a few fused XLA ops; argsort + bincount + nonzero were 15 us
     slower at N=1); one tile per touched expert.
 
-    Returns pos [M] (a permutation: the grouped row of each pair, ids outside [0, E) last);
-    tiles = (expert, count, start) [U] int32, U = min(E, M): the touched experts in increasing
-    order, then empty tiles of count 0; x_grouped [M + R, D] (R zero rows at the end, so a run
-    of R rows from any start stays inside the array). With `gather`, instead of x_grouped the
-    rows' (token, pair) [M + R] int32 (`_row_sources`), for the kernels to read x and write y
-    in place."""
+    Returns pos [M] (a permutation: the grouped row of each pair, ids outside [0, E) last),
+    order [M] (its inverse: the pair of each grouped row) and tiles = (expert, count, start)
+    [U] int32, U = min(E, M): the touched experts in increasing order, then empty tiles of
+    count 0."""
     N, k = experts.shape
     M, U = N * k, min(E, N * k)
     flat = experts.reshape(-1).astype(jnp.int32)
@@ -177,41 +178,27 @@ def _group_by_expert(x, experts, E: int, R: int, gather: bool = False):
     starts = jnp.cumsum(counts) - counts  # [E + 1]
     same_before = jnp.tril(ids[:, None] == ids[None, :], -1)  # [M, M]: same id, earlier pair
     pos = starts[ids] + jnp.sum(same_before, axis=1, dtype=jnp.int32)  # stable within an id
-    if gather:
-        order = jnp.zeros((M,), jnp.int32).at[pos].set(jnp.arange(M, dtype=jnp.int32))
-        rows = _row_sources(order, k, R)
-    else:
-        rows = jnp.zeros((M + R, x.shape[1]), x.dtype).at[pos].set(x[jnp.arange(M) // k])
+    order = jnp.zeros((M,), jnp.int32).at[pos].set(jnp.arange(M, dtype=jnp.int32))
     # Tile u runs the (u+1)-th touched expert: the number of experts e with at most u touched
     # experts in 0..e (E when fewer than u + 1 are touched: an empty tile).
     n_touched = jnp.cumsum(counts[:E] > 0)  # [E]
     expert = jnp.sum(n_touched <= jnp.arange(U)[:, None], axis=1, dtype=jnp.int32)  # [U]
     count = jnp.where(expert < E, counts[expert], 0)
     expert = jnp.minimum(expert, E - 1)
-    return pos, (expert, count, starts[expert]), rows
+    return pos, order, (expert, count, starts[expert])
 
 
-def _row_sources(order, k: int, R: int):
-    """Per grouped row (M of them, then R spare rows so that a run of R rows from any start
-    stays inside): the token it reads (spare rows: token 0, masked) and the row of the result
-    it writes, its pair (spare rows: M, M + 1, ..., distinct and never read)."""
-    M = order.shape[0]
-    token = jnp.concatenate([order // k, jnp.zeros((R,), jnp.int32)])
-    return token, jnp.concatenate([order, jnp.arange(M, M + R, dtype=jnp.int32)])
-
-
-def _group_by_sort(x, experts, E: int, block_m: int):
+def _group_by_sort(experts, E: int, block_m: int):
     """Prefill grouping: the pairs sorted by expert (stable), each expert's run cut into tiles
-    of block_m rows. Returns pos [M], tiles (expert, count, start) [T] int32 with
+    of block_m rows. Returns pos [M], order [M] and tiles (expert, count, start) [T] int32 with
     T = ceil(M / block_m) + min(E, M), an upper bound on the tiles (each touched expert wastes
-    less than one), and x_grouped [M + block_m, D], as `_group_by_expert`."""
+    less than one), as `_group_by_expert`."""
     N, k = experts.shape
     M = N * k
     flat = experts.reshape(-1).astype(jnp.int32)
     ids = jnp.where((flat >= 0) & (flat < E), flat, E)
     order = jnp.argsort(ids, stable=True).astype(jnp.int32)  # grouped row -> pair
     pos = jnp.zeros((M,), jnp.int32).at[order].set(jnp.arange(M, dtype=jnp.int32))
-    x_grouped = jnp.concatenate([x[order // k], jnp.zeros((block_m, x.shape[1]), x.dtype)])
     counts = jnp.bincount(ids, length=E + 1)[:E].astype(jnp.int32)  # id E: not here
     starts = jnp.cumsum(counts) - counts
     n_tiles = (counts + block_m - 1) // block_m  # [E]
@@ -222,7 +209,7 @@ def _group_by_sort(x, experts, E: int, block_m: int):
     e = jnp.minimum(expert, E - 1)
     j = t - (tiles_end[e] - n_tiles[e])  # the tile's index within its expert's run
     count = jnp.where(expert < E, jnp.clip(counts[e] - j * block_m, 0, block_m), 0)
-    return pos, (e, count, starts[e] + j * block_m), x_grouped
+    return pos, order, (e, count, starts[e] + j * block_m)
 
 
 def _check_stack(w_gate_up, w_down, layer):
@@ -245,11 +232,16 @@ def _check_stack(w_gate_up, w_down, layer):
 
 
 def _grouped_experts(
-    x, experts, w_gate_up, w_down, layer, group, rows, blocks, interpret, gather=False
+    x, experts, w_gate_up, w_down, layer, group, rows, blocks, interpret, x_by_index, y_by_pair
 ):
-    """Validate, group the pairs (`group(x, experts, E)` -> pos, tiles, x_grouped or, with
-    `gather`, the rows' (token, pair)), run the two kernels over the tiles of `rows` rows and
-    return [N, k, D] fp32 in (token, slot) order."""
+    """Validate, group the pairs (`group(experts, E)` -> pos, order, tiles), run the two kernels
+    over the tiles of `rows` rows and return [N, k, D] fp32 in (token, slot) order.
+
+    The kernels see M + R grouped rows (R spare rows at the end, so that a run of R rows from
+    any start stays inside; their loads and stores are masked). x_by_index: gate_up reads each
+    row's token from x by index, else from a grouped copy of x (one XLA gather). y_by_pair:
+    down stores each row's result at its pair's row (token-major), else at its grouped row and
+    one XLA gather puts the results back in pair order."""
     L, per_layer = _check_stack(w_gate_up, w_down, layer)
     E, D, F = validate_moe_inputs(x, experts, *per_layer)
     # one layer's experts are rows [layer * E, (layer + 1) * E) of the flattened stack (a
@@ -260,17 +252,23 @@ def _grouped_experts(
     BD = _block("block_d", blocks.block_d, D, "D")
     BO = _block("block_dout", blocks.block_dout, D, "D")
     BFin = _block("block_fin", blocks.block_fin, F, "F")
-    pos, tiles, sources = group(x, experts, E)
+    N, k = experts.shape
+    M = N * k
+    pos, order, tiles = group(experts, E)
     if layer is not None:
         offset = jnp.clip(jnp.asarray(layer, jnp.int32), 0, L - 1) * E
         tiles = (tiles[0] + offset, *tiles[1:])
-    U, P = tiles[0].shape[0], (sources[0] if gather else sources).shape[0]
-    x_rows = (sources[0], x) if gather else (sources,)  # tokens read by index, or grouped rows
-    y_rows = (sources[1],) if gather else ()  # results stored at their pairs' rows
+    U, P = tiles[0].shape[0], M + rows
+    token = jnp.concatenate([order // k, jnp.zeros((rows,), jnp.int32)])  # spare rows: token 0
+    # a gather, not a scatter of x into grouped order (a scatter kernel was 10 us per layer
+    # at 64 tokens)
+    x_rows = (token, x) if x_by_index else (jnp.take(x, token, axis=0),)
+    # spare rows store to rows M, M + 1, ...: distinct and never read
+    y_rows = (jnp.concatenate([order, jnp.arange(M, P, dtype=jnp.int32)]),) if y_by_pair else ()
 
     whole = pl.BlockSpec()  # the whole array: the kernels index their expert and rows by hand
     h_grouped = pl.pallas_call(
-        functools.partial(_gate_up_kernel, rows=rows, block_f=BF, block_d=BD, gather=gather),
+        functools.partial(_gate_up_kernel, rows=rows, block_f=BF, block_d=BD, gather=x_by_index),
         grid=(U, F // BF),
         in_specs=[whole] * (4 + len(x_rows)),
         out_specs=whole,
@@ -279,8 +277,10 @@ def _grouped_experts(
         interpret=interpret,
         name="moe_gate_up",
     )(*tiles, *x_rows, w_gate_up)
-    y_rows_out = pl.pallas_call(
-        functools.partial(_down_kernel, rows=rows, block_dout=BO, block_fin=BFin, scatter=gather),
+    y_out = pl.pallas_call(
+        functools.partial(
+            _down_kernel, rows=rows, block_dout=BO, block_fin=BFin, scatter=y_by_pair
+        ),
         grid=(U, D // BO),
         in_specs=[whole] * (5 + len(y_rows)),
         out_specs=whole,
@@ -290,9 +290,7 @@ def _grouped_experts(
         name="moe_down",
     )(*tiles, *y_rows, h_grouped, w_down)
 
-    N, k = experts.shape
-    # back to (token, slot) order: already there when the kernel stored by pair
-    y = (y_rows_out[: N * k] if gather else y_rows_out[pos]).reshape(N, k, D)
+    y = (y_out[:M] if y_by_pair else y_out[pos]).reshape(N, k, D)  # (token, slot) order
     here = (experts >= 0) & (experts < E)
     # Rows of ids not on this device were never written (uninitialised memory): zero them.
     return jnp.where(here[..., None], y, 0.0)
@@ -335,10 +333,19 @@ def moe_experts_decode(
             "more tokens: moe_experts_prefill)"
         )
     R = max(_MIN_ROWS, pl.next_power_of_2(N))
-    gather = N <= blocks.gather_tokens
-    group = functools.partial(_group_by_expert, R=R, gather=gather)
+    by_index, by_pair = N <= blocks.x_by_index_tokens, N <= blocks.y_by_pair_tokens
     return _grouped_experts(
-        x, experts, w_gate_up, w_down, layer, group, R, blocks, interpret, gather=gather
+        x,
+        experts,
+        w_gate_up,
+        w_down,
+        layer,
+        _group_by_expert,
+        R,
+        blocks,
+        interpret,
+        by_index,
+        by_pair,
     )
 
 
@@ -362,4 +369,6 @@ def moe_experts_prefill(
     if BM < _MIN_ROWS or BM & (BM - 1):
         raise ValueError(f"block_m={BM} must be a power of 2 >= {_MIN_ROWS}")
     group = functools.partial(_group_by_sort, block_m=BM)
-    return _grouped_experts(x, experts, w_gate_up, w_down, layer, group, BM, blocks, interpret)
+    return _grouped_experts(
+        x, experts, w_gate_up, w_down, layer, group, BM, blocks, interpret, False, False
+    )

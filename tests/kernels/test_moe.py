@@ -73,12 +73,14 @@ def test_matches_reference(N, k, E, D, F, dtype, off_device):
     assert rel_err(h, h_ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("gather_tokens", [0, 32])
-def test_rows_by_index_or_by_copy_agree(gather_tokens):
-    """Both decode row paths: the grouped copies (gather_tokens=0) and the kernels reading x and
-    storing results by index (all 17 tokens, R = 32, foreign ids among them)."""
+@pytest.mark.parametrize("x_by_index, y_by_pair", [(0, 0), (32, 0), (0, 32), (32, 32)])
+def test_rows_by_index_or_by_copy_agree(x_by_index, y_by_pair):
+    """Every decode row path: x read from a grouped copy or by index, results stored at their
+    grouped rows (then gathered) or at their pairs' rows (17 tokens, R = 32, foreign ids among
+    them)."""
     args = moe_inputs(17, 3, 8, 64, 32, jnp.float32, seed=9, off_device=0.2)
-    h = _kernel(*args, blocks=dataclasses.replace(SMALL, gather_tokens=gather_tokens))
+    blocks = dataclasses.replace(SMALL, x_by_index_tokens=x_by_index, y_by_pair_tokens=y_by_pair)
+    h = _kernel(*args, blocks=blocks)
     assert rel_err(h, run(moe_experts_decode_ref, *args)) < TOL[jnp.float32]
 
 
