@@ -12,7 +12,7 @@ the touched experts' bytes at 4.3 TB/s; prefill, the expert FLOPs of the local p
 XLA bf16 matmul ceiling, 770 TFLOP/s (shared/spec/anchors.md). Times: the median of `reps`
 calls of one jitted program that runs the layer `inner` times back to back (so host dispatch
 is amortised), per call. --sweep times a few prefill block shapes at N = 8K; --rows-sweep the
-decode row paths (MoEBlocks.x_by_index_tokens / y_by_pair_tokens) at N = 1 / 8 / 16 / 64.
+decode result paths (MoEBlocks.y_by_pair) at N = 1 / 8 / 16 / 64.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def main():
     ap.add_argument(
         "--rows-sweep",
         action="store_true",
-        help="decode: x read by index or from a grouped copy, results stored by pair or gathered",
+        help="decode: results stored by pair or gathered back",
     )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dry-run", action="store_true")
@@ -120,18 +120,15 @@ def main():
         print(rows[-1], flush=True)
 
     if args.rows_sweep:
-        print("\ndecode row paths (x by index, y by pair), ms per call, unrolled loop:")
+        print("\ndecode result paths, ms per call, unrolled loop:")
         for N in (1, 4) if dry else (1, 8, 16, 64):
             a = inputs(N, E, E, D, F, k)
             line = []
-            for xi, yp in ((0, 0), (1, 0), (0, 1), (1, 1)):
-                b = dataclasses.replace(
-                    dec_blocks, x_by_index_tokens=64 * xi, y_by_pair_tokens=64 * yp
-                )
+            for by_pair in (False, True):
+                b = dataclasses.replace(dec_blocks, y_by_pair=(1, 64) if by_pair else (0, 0))
                 fn = functools.partial(moe_experts_decode, blocks=b, **interp)
                 ms = time_per_call(fn, a, inner, reps, unroll=True) * 1e3
-                path = f"x {'index' if xi else 'copy'}, y {'pair' if yp else 'gather'}"
-                line.append(f"{path}: {ms:.4f}")
+                line.append(f"{'stored by pair' if by_pair else 'gathered'}: {ms:.4f}")
             print(f"  N={N}: " + " | ".join(line), flush=True)
 
     if args.sweep:

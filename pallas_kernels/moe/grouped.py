@@ -2,8 +2,8 @@
 
 Outside the kernels (a few XLA ops) the N * k (token, slot) pairs are grouped by expert, so each
 expert's rows are one contiguous run, and the runs are cut into row tiles of one expert each.
-Small decode batches skip the grouped copies of the rows: the kernels read x and write the
-results by index (`MoEBlocks.x_by_index_tokens`, `y_by_pair_tokens`).
+Small decode batches store each result at its (token, slot) row, skipping the gather back
+(`MoEBlocks.y_by_pair`).
 Kernel 1 (gate_up + SwiGLU) has a program per (tile, block_f columns of F), kernel 2 (down) one
 per (tile, block_dout columns of D). A program streams its slice of the tile's expert weights
 and multiplies it with the tile's rows (a fixed number of rows, of which those past the tile's
@@ -61,13 +61,11 @@ class MoEBlocks:
     num_warps: int = 4
     num_stages: int = 4
     block_m: int = 64  # rows per tile (prefill only; decode tiles hold R rows)
-    # Decode batches of at most x_by_index_tokens tokens skip the grouped copy of x (gate_up
-    # reads each row's token from x by index); of at most y_by_pair_tokens, the gather of the
-    # results back to pair order (down stores each result at its pair's row). With both at 8,
-    # on the 80B model (2 H200s) a decode step at batch 8 gained 0.24 ms and batch 1 was
-    # unchanged; with both at 64, one call at 64 tokens was slower (0.68 -> 0.79 ms).
-    x_by_index_tokens: int = 8
-    y_by_pair_tokens: int = 8
+    # Decode batches of y_by_pair[0] .. y_by_pair[1] tokens skip the gather of the results
+    # back to pair order: down stores each result at its pair's row. H200, E=512, one call
+    # (benchmarks/bench_moe.py --rows-sweep): 8 tokens 178 -> 163 us; 1 token 40.5 -> 47 us,
+    # 16 tokens 258 -> 266 us, 64 tokens 684 -> 680 us.
+    y_by_pair: tuple[int, int] = (2, 8)
 
 
 # Prefill: tiles of 64 rows, 64-wide reduction chunks, 3 stages. An H200 sweep at 8K tokens
@@ -76,14 +74,13 @@ class MoEBlocks:
 PREFILL_BLOCKS = MoEBlocks(block_d=64, block_fin=64, num_stages=3)
 
 
-def _gate_up_kernel(expert_ref, count_ref, start_ref, *refs, rows, block_f, block_d, gather):
+def _gate_up_kernel(
+    expert_ref, count_ref, start_ref, x_ref, w_ref, h_ref, *, rows, block_f, block_d
+):
     # expert_ref, count_ref, start_ref [U] int32: slot s runs expert e on the grouped rows
     #   [start, start + cnt) (cnt = 0: an empty slot)
-    # x_ref [M + R, D] grouped rows (R zero rows of padding); or with `gather`, token_ref
-    #   [M + R] int32 the token of each grouped row and x_ref [N, D] the tokens themselves
-    # w_ref [E, D, 2F] gate | up
+    # x_ref [M + R, D] grouped rows (R spare rows at the end)  w_ref [E, D, 2F] gate | up
     # out: h_ref [M + R, F] silu(gate) * up in x's dtype; rows of other slots left untouched
-    token_ref, x_ref, w_ref, h_ref = refs if gather else (None, *refs)
     s, f = pl.program_id(0), pl.program_id(1)
     e, cnt, start = expert_ref[s], count_ref[s], start_ref[s]
     F = h_ref.shape[1]
@@ -94,15 +91,9 @@ def _gate_up_kernel(expert_ref, count_ref, start_ref, *refs, rows, block_f, bloc
         gate = pl.ds(f * block_f, block_f)
         up = pl.ds(F + f * block_f, block_f)
 
-        tokens = token_ref[pl.ds(start, rows)][:, None] if gather else None  # [R, 1]
-
         def body(i, acc):
-            d0 = pl.multiple_of(i * block_d, block_d)
-            d = pl.ds(d0, block_d)
-            if gather:  # [R, BD] read by token (all-array indices: interpret mode takes no mix)
-                xs = jnp.where(mine, x_ref[tokens, (d0 + jnp.arange(block_d))[None, :]], 0)
-            else:
-                xs = plt.load(x_ref.at[pl.ds(start, rows), d], mask=mine, other=0)  # [R, BD]
+            d = pl.ds(pl.multiple_of(i * block_d, block_d), block_d)
+            xs = plt.load(x_ref.at[pl.ds(start, rows), d], mask=mine, other=0)  # [R, BD]
             wg = w_ref[e, d, gate].astype(xs.dtype)  # [BD, BF]
             wu = w_ref[e, d, up].astype(xs.dtype)
             acc_g, acc_u = acc
@@ -232,16 +223,16 @@ def _check_stack(w_gate_up, w_down, layer):
 
 
 def _grouped_experts(
-    x, experts, w_gate_up, w_down, layer, group, rows, blocks, interpret, x_by_index, y_by_pair
+    x, experts, w_gate_up, w_down, layer, group, rows, blocks, interpret, y_by_pair
 ):
     """Validate, group the pairs (`group(experts, E)` -> pos, order, tiles), run the two kernels
     over the tiles of `rows` rows and return [N, k, D] fp32 in (token, slot) order.
 
     The kernels see M + R grouped rows (R spare rows at the end, so that a run of R rows from
-    any start stays inside; their loads and stores are masked). x_by_index: gate_up reads each
-    row's token from x by index, else from a grouped copy of x (one XLA gather). y_by_pair:
-    down stores each row's result at its pair's row (token-major), else at its grouped row and
-    one XLA gather puts the results back in pair order."""
+    any start stays inside; their loads and stores are masked), gate_up reading a grouped copy
+    of x (one XLA gather). y_by_pair: down stores each row's result at its pair's row
+    (token-major), else at its grouped row and one XLA gather puts the results back in pair
+    order."""
     L, per_layer = _check_stack(w_gate_up, w_down, layer)
     E, D, F = validate_moe_inputs(x, experts, *per_layer)
     # one layer's experts are rows [layer * E, (layer + 1) * E) of the flattened stack (a
@@ -261,22 +252,23 @@ def _grouped_experts(
     U, P = tiles[0].shape[0], M + rows
     token = jnp.concatenate([order // k, jnp.zeros((rows,), jnp.int32)])  # spare rows: token 0
     # a gather, not a scatter of x into grouped order (a scatter kernel was 10 us per layer
-    # at 64 tokens)
-    x_rows = (token, x) if x_by_index else (jnp.take(x, token, axis=0),)
+    # at 64 tokens; reading x by token inside gate_up was slower still: 47 vs 40.5 us per
+    # call at 1 token, 0.76 vs 0.68 ms at 64)
+    x_grouped = jnp.take(x, token, axis=0)
     # spare rows store to rows M, M + 1, ...: distinct and never read
     y_rows = (jnp.concatenate([order, jnp.arange(M, P, dtype=jnp.int32)]),) if y_by_pair else ()
 
     whole = pl.BlockSpec()  # the whole array: the kernels index their expert and rows by hand
     h_grouped = pl.pallas_call(
-        functools.partial(_gate_up_kernel, rows=rows, block_f=BF, block_d=BD, gather=x_by_index),
+        functools.partial(_gate_up_kernel, rows=rows, block_f=BF, block_d=BD),
         grid=(U, F // BF),
-        in_specs=[whole] * (4 + len(x_rows)),
+        in_specs=[whole] * 5,
         out_specs=whole,
         out_shape=jax.ShapeDtypeStruct((P, F), x.dtype),
         compiler_params=compiler_params(blocks.num_warps, blocks.num_stages),
         interpret=interpret,
         name="moe_gate_up",
-    )(*tiles, *x_rows, w_gate_up)
+    )(*tiles, x_grouped, w_gate_up)
     y_out = pl.pallas_call(
         functools.partial(
             _down_kernel, rows=rows, block_dout=BO, block_fin=BFin, scatter=y_by_pair
@@ -333,19 +325,9 @@ def moe_experts_decode(
             "more tokens: moe_experts_prefill)"
         )
     R = max(_MIN_ROWS, pl.next_power_of_2(N))
-    by_index, by_pair = N <= blocks.x_by_index_tokens, N <= blocks.y_by_pair_tokens
+    by_pair = blocks.y_by_pair[0] <= N <= blocks.y_by_pair[1]
     return _grouped_experts(
-        x,
-        experts,
-        w_gate_up,
-        w_down,
-        layer,
-        _group_by_expert,
-        R,
-        blocks,
-        interpret,
-        by_index,
-        by_pair,
+        x, experts, w_gate_up, w_down, layer, _group_by_expert, R, blocks, interpret, by_pair
     )
 
 
@@ -370,5 +352,5 @@ def moe_experts_prefill(
         raise ValueError(f"block_m={BM} must be a power of 2 >= {_MIN_ROWS}")
     group = functools.partial(_group_by_sort, block_m=BM)
     return _grouped_experts(
-        x, experts, w_gate_up, w_down, layer, group, BM, blocks, interpret, False, False
+        x, experts, w_gate_up, w_down, layer, group, BM, blocks, interpret, False
     )
