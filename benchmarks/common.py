@@ -188,6 +188,8 @@ def classify(kernel: str, hlo_op: str | None, names: dict[str, str]) -> str:
             return "moe"
         if low.startswith("attention_"):  # pallas_kernels/attention: attention_decode
             return "attention"
+        if low.startswith("linear"):  # pallas_kernels/linear: every block's projections
+            return "projections"
         return "other (unattributed)"
     if _COLLECTIVE.search(op):
         return "collectives"
