@@ -45,7 +45,6 @@ class SparseMoE(nnx.Module):
         scale = jax.nn.sigmoid(self.shared_expert_gate(x, layer))  # [N, 1]
         se = self.shared_expert
         fold = sharding.shared_expert_joins_psum(self.mesh, se.gate_proj.w.shape[-1])
-
         routed = ops.moe_experts(
             x,
             weights,

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.causal_conv1d import causal_conv1d_ref
 from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule_ref, recurrent_gated_delta_rule
+from pallas_kernels.moe import route_topk_ref
 from qnext_jax import sharding
 
 
@@ -442,7 +443,8 @@ def route(logits, k: int, normalize: bool, *, impl: str = "auto", mesh=None):
     """The router: logits [N, E] -> (weights [N, k] fp32, expert ids [N, k] int32), fp32
     softmax over E, the k largest, renormalised over the k when `normalize`. On the GPU ("auto")
     or when asked for ("pallas") one Pallas program per token (pallas_kernels.moe.route_topk;
-    E a power of 2); else softmax + lax.top_k. Both pick the lowest index among equal values."""
+    E a power of 2); else its jnp reference (softmax + lax.top_k). Both pick the lowest index
+    among equal values."""
     kernel = _kernel("pallas_kernels.moe", "route_topk")
     applies = _kernel("pallas_kernels.moe", "route_kernel_applies")
     if (
@@ -453,11 +455,7 @@ def route(logits, k: int, normalize: bool, *, impl: str = "auto", mesh=None):
         run = functools.partial(kernel, k=k, normalize=normalize, interpret=not on_gpu())
         rep = (None, None)  # the logits are replicated: each device routes every token
         return sharding.per_shard(run, mesh, (rep,), (rep, rep))(logits)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    weights, experts = jax.lax.top_k(probs, k)
-    if normalize:
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return weights, experts.astype(jnp.int32)
+    return route_topk_ref(logits, k, normalize)
 
 
 def moe_experts(

@@ -273,9 +273,10 @@ def expert_parallel(
     experts,
     w_gate_up,
     w_down,
+    *,
+    project,
     layer=None,
     shared=None,
-    project=None,
 ):
     """Routed experts split over the expert axis, tokens replicated.
 
@@ -288,7 +289,7 @@ def expert_parallel(
     split on Fs; each device adds scale * its partial SwiGLU to its routed partial sum before
     the one psum (only where `shared_expert_joins_psum`). Its weights may be stacked over
     layers ([L, D, Fs], ...) with `layer`. project(x, w, layer) -> x @ w (w[layer] when
-    stacked) runs its projections on the device's slices (default: XLA's dot).
+    stacked) runs its projections on the device's slices (ops.linear, from the caller).
 
     Why replicated tokens + psum, not all-to-all: under tensor parallelism the residual stream
     is already replicated on every device, so there is nothing to dispatch. Decode (1-64 tokens)
@@ -303,11 +304,6 @@ def expert_parallel(
     axis = RULES["experts"]
     stacked = layer is not None
     w_spec = PartitionSpec(*((None,) * stacked), axis, None, None)
-    if project is None:
-
-        def project(x, w, layer):
-            w = jax.lax.dynamic_index_in_dim(w, layer, keepdims=False) if w.ndim == 3 else w
-            return jnp.dot(x, w.astype(x.dtype))
 
     def body(x, weights, experts, gu, down, layer, *shared):
         n_local = gu.shape[-3]

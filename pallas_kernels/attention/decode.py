@@ -19,10 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._triton import compiler_params
+from pallas_kernels._triton import MIN_DOT, compiler_params
 from pallas_kernels.attention.reference import validate_decode_attention
-
-_MIN_ROWS = 16  # tl.dot needs every operand dimension >= 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,13 +104,13 @@ def decode_attention(
     B, T, H, D = q.shape
     G = H // KVH
     BS = min(blocks.block_s, S & -S)
-    if blocks.block_s < _MIN_ROWS or blocks.block_s & (blocks.block_s - 1) or BS < _MIN_ROWS:
+    if blocks.block_s < MIN_DOT or blocks.block_s & (blocks.block_s - 1) or BS < MIN_DOT:
         raise ValueError(
-            f"block_s={blocks.block_s} must be a power of 2 >= {_MIN_ROWS}, and the cache length "
-            f"S={S} a multiple of {_MIN_ROWS}"
+            f"block_s={blocks.block_s} must be a power of 2 >= {MIN_DOT}, and the cache length "
+            f"S={S} a multiple of {MIN_DOT}"
         )
-    if D < _MIN_ROWS or D & (D - 1):
-        raise ValueError(f"head dim D={D} must be a power of 2 >= {_MIN_ROWS}")
+    if D < MIN_DOT or D & (D - 1):
+        raise ValueError(f"head dim D={D} must be a power of 2 >= {MIN_DOT}")
     n_blocks = S // BS
     NS = blocks.num_splits or max(1, blocks.target_programs // (B * KVH))
     NS = max(1, min(NS, n_blocks))
@@ -120,7 +118,7 @@ def decode_attention(
     NS = -(-S // split)
 
     # query rows per (sequence, KV head): t * G + g, padded to a power of 2 >= 16
-    R = max(_MIN_ROWS, pl.next_power_of_2(T * G))
+    R = max(MIN_DOT, pl.next_power_of_2(T * G))
     rows = q.reshape(B, T, KVH, G, D).transpose(0, 2, 1, 3, 4).reshape(B, KVH, T * G, D)
     rows = jnp.pad(rows, ((0, 0), (0, 0), (0, R - T * G), (0, 0)))
     pos = jnp.repeat(q_pos.astype(jnp.int32), G, axis=1)  # [B, T * G]

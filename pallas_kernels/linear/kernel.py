@@ -25,11 +25,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels._triton import compiler_params
+from pallas_kernels._triton import MIN_DOT, compiler_params, dot_block
 from pallas_kernels.linear.reference import validate_linear_inputs
 
 MAX_ROWS = 64  # rows held by every program; more rows belong to a GEMM
-_MIN = 16  # tl.dot needs every operand dimension >= 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,21 +70,10 @@ def _kernel(layer_ref, x_ref, w_ref, y_ref, *, rows, n, block_m, block_k, k_spli
         plt.store(y_ref.at[pl.ds(0, rows), cols], acc.astype(y_ref.dtype), mask=mine)
 
 
-def _block(name: str, want: int, dim: int, dim_name: str) -> int:
-    if want < _MIN or want & (want - 1):
-        raise ValueError(f"{name}={want} must be a power of 2 >= {_MIN}")
-    b = min(want, dim & -dim)
-    if b < _MIN:
-        raise ValueError(
-            f"{dim_name}={dim} must be a multiple of {_MIN} (the smallest tl.dot shape)"
-        )
-    return b
-
-
 def plan(K: int, M: int, blocks: LinearBlocks) -> tuple[int, int, int]:
     """(block_m, block_k, splits) for a [K, M] weight."""
-    BM = _block("block_m", blocks.block_m, M, "M (w's columns)")
-    BK = _block("block_k", blocks.block_k, K, "K (w's rows)")
+    BM = dot_block("block_m", blocks.block_m, M, "M (w's columns)")
+    BK = dot_block("block_k", blocks.block_k, K, "K (w's rows)")
     S = blocks.splits
     if S is None:
         S = 1
@@ -100,7 +88,7 @@ def plan(K: int, M: int, blocks: LinearBlocks) -> tuple[int, int, int]:
 
 def kernel_applies(N: int, K: int, M: int) -> bool:
     """Whether `linear` takes an [N, K] x [K, M] projection."""
-    return 1 <= N <= MAX_ROWS and K % _MIN == 0 and M % _MIN == 0
+    return 1 <= N <= MAX_ROWS and K % MIN_DOT == 0 and M % MIN_DOT == 0
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "blocks"))
@@ -119,10 +107,10 @@ def linear(x, w, layer=None, *, interpret=False, blocks: LinearBlocks = LinearBl
     if not kernel_applies(N, K, M):
         raise ValueError(
             f"x {tuple(x.shape)} @ w {tuple(w.shape)}: the kernel takes 1 <= N <= {MAX_ROWS} "
-            f"rows and K, M multiples of {_MIN}"
+            f"rows and K, M multiples of {MIN_DOT}"
         )
     BM, BK, S = plan(K, M, blocks)
-    R = max(_MIN, pl.next_power_of_2(N))
+    R = max(MIN_DOT, pl.next_power_of_2(N))
     if interpret and R > N:  # interpret mode slices rows 0..R in bounds; the GPU masks them
         x = jnp.pad(x, ((0, R - N), (0, 0)))
     w = w if w.ndim == 3 else w[None]

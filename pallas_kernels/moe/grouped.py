@@ -37,11 +37,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels._triton import compiler_params
+from pallas_kernels._triton import MIN_DOT, compiler_params, dot_block
 from pallas_kernels.moe.reference import validate_moe_inputs
 
 MAX_TOKENS = 64  # R = 64 rows held per program; larger batches belong to a grouped matmul
-_MIN_ROWS = 16  # tl.dot needs every operand dimension >= 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,19 +138,6 @@ def _down_kernel(expert_ref, count_ref, start_ref, *refs, rows, block_dout, bloc
             plt.store(y_ref.at[pl.ds(start, rows), out], acc, mask=mine)
 
 
-def _block(name: str, want: int, dim: int, dim_name: str) -> int:
-    """want capped at the largest power of 2 dividing dim; ValueError if not a legal block."""
-    if want < 1 or want & (want - 1):
-        raise ValueError(f"{name}={want} must be a power of 2")
-    b = min(want, dim & -dim)
-    if b < _MIN_ROWS:
-        raise ValueError(
-            f"{name}: {dim_name}={dim} must be a multiple of {_MIN_ROWS} (the smallest "
-            f"tl.dot shape); a block of {b} would divide it"
-        )
-    return b
-
-
 def _group_by_expert(experts, E: int):
     """Decode grouping: the (token, slot) pairs grouped by expert, by compare-and-count over the
     M = N * k <= 640 pairs (no sort: a few fused XLA ops; argsort + bincount + nonzero were 15 us
@@ -239,10 +225,10 @@ def _grouped_experts(
     # reshape of leading dims: no copy)
     w_gate_up = w_gate_up.reshape(L * E, D, 2 * F)
     w_down = w_down.reshape(L * E, F, D)
-    BF = _block("block_f", blocks.block_f, F, "F")
-    BD = _block("block_d", blocks.block_d, D, "D")
-    BO = _block("block_dout", blocks.block_dout, D, "D")
-    BFin = _block("block_fin", blocks.block_fin, F, "F")
+    BF = dot_block("block_f", blocks.block_f, F, "F")
+    BD = dot_block("block_d", blocks.block_d, D, "D")
+    BO = dot_block("block_dout", blocks.block_dout, D, "D")
+    BFin = dot_block("block_fin", blocks.block_fin, F, "F")
     N, k = experts.shape
     M = N * k
     pos, order, tiles = group(experts, E)
@@ -324,7 +310,7 @@ def moe_experts_decode(
             f"{tuple(experts.shape)} (decode kernel: next_pow2(N) rows per expert program; "
             "more tokens: moe_experts_prefill)"
         )
-    R = max(_MIN_ROWS, pl.next_power_of_2(N))
+    R = max(MIN_DOT, pl.next_power_of_2(N))
     by_pair = blocks.y_by_pair[0] <= N <= blocks.y_by_pair[1]
     return _grouped_experts(
         x, experts, w_gate_up, w_down, layer, _group_by_expert, R, blocks, interpret, by_pair
@@ -348,8 +334,8 @@ def moe_experts_prefill(
     if experts.ndim != 2 or experts.shape[0] < 1 or experts.shape[1] < 1:
         raise ValueError(f"experts must be [N, k] with N, k >= 1, got {tuple(experts.shape)}")
     BM = blocks.block_m
-    if BM < _MIN_ROWS or BM & (BM - 1):
-        raise ValueError(f"block_m={BM} must be a power of 2 >= {_MIN_ROWS}")
+    if BM < MIN_DOT or BM & (BM - 1):
+        raise ValueError(f"block_m={BM} must be a power of 2 >= {MIN_DOT}")
     group = functools.partial(_group_by_sort, block_m=BM)
     return _grouped_experts(
         x, experts, w_gate_up, w_down, layer, group, BM, blocks, interpret, False
