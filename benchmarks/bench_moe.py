@@ -12,7 +12,8 @@ the touched experts' bytes at 4.3 TB/s; prefill, the expert FLOPs of the local p
 XLA bf16 matmul ceiling, 770 TFLOP/s (shared/spec/anchors.md). Times: the median of `reps`
 calls of one jitted program that runs the layer `inner` times back to back (so host dispatch
 is amortised), per call. --sweep times a few prefill block shapes at N = 8K; --rows-sweep the
-decode result paths (MoEBlocks.y_by_pair) at N = 1 / 8 / 16 / 64.
+decode result paths (MoEBlocks.y_by_pair; at N = 1 also one_token_tiles) at N = 1 / 8 / 16 /
+64.
 """
 
 from __future__ import annotations
@@ -124,11 +125,14 @@ def main():
         for N in (1, 4) if dry else (1, 8, 16, 64):
             a = inputs(N, E, E, D, F, k)
             line = []
-            for by_pair in (False, True):
-                b = dataclasses.replace(dec_blocks, y_by_pair=(1, 64) if by_pair else (0, 0))
+            paths = [("gathered", (0, 0), False), ("stored by pair", (1, 64), False)]
+            if N == 1:
+                paths.append(("one tile per pair", (0, 0), True))
+            for name, by_pair, one_token in paths:
+                b = dataclasses.replace(dec_blocks, y_by_pair=by_pair, one_token_tiles=one_token)
                 fn = functools.partial(moe_experts_decode, blocks=b, **interp)
                 ms = time_per_call(fn, a, inner, reps, unroll=True) * 1e3
-                line.append(f"{'stored by pair' if by_pair else 'gathered'}: {ms:.4f}")
+                line.append(f"{name}: {ms:.4f}")
             print(f"  N={N}: " + " | ".join(line), flush=True)
 
     if args.sweep:

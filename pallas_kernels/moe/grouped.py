@@ -65,6 +65,9 @@ class MoEBlocks:
     # (benchmarks/bench_moe.py --rows-sweep): 8 tokens 178 -> 163 us; 1 token 40.5 -> 47 us,
     # 16 tokens 258 -> 266 us, 64 tokens 684 -> 680 us.
     y_by_pair: tuple[int, int] = (2, 8)
+    # One token's k ids are k distinct experts (top-k), so at N = 1 each pair is its own tile
+    # and the grouping ops are skipped (`_one_tile_per_pair`).
+    one_token_tiles: bool = True
 
 
 # Prefill: tiles of 64 rows, 64-wide reduction chunks, 3 stages. An H200 sweep at 8K tokens
@@ -165,6 +168,16 @@ def _group_by_expert(experts, E: int):
     return pos, order, (expert, count, starts[expert])
 
 
+def _one_tile_per_pair(experts, E: int):
+    """Grouping of a single token (N = 1): its k ids are distinct, so pair j is tile j on
+    grouped row j (pos and order the identity, returned as None); ids outside [0, E) give an
+    empty tile. No grouping ops at all (at N = 1 they were most of the layer's small kernels)."""
+    flat = experts.reshape(-1).astype(jnp.int32)
+    here = (flat >= 0) & (flat < E)
+    expert = jnp.where(here, flat, 0)
+    return None, None, (expert, here.astype(jnp.int32), jnp.arange(flat.shape[0], dtype=jnp.int32))
+
+
 def _group_by_sort(experts, E: int, block_m: int):
     """Prefill grouping: the pairs sorted by expert (stable), each expert's run cut into tiles
     of block_m rows. Returns pos [M], order [M] and tiles (expert, count, start) [T] int32 with
@@ -236,11 +249,15 @@ def _grouped_experts(
         offset = jnp.clip(jnp.asarray(layer, jnp.int32), 0, L - 1) * E
         tiles = (tiles[0] + offset, *tiles[1:])
     U, P = tiles[0].shape[0], M + rows
-    token = jnp.concatenate([order // k, jnp.zeros((rows,), jnp.int32)])  # spare rows: token 0
-    # a gather, not a scatter of x into grouped order (a scatter kernel was 10 us per layer
-    # at 64 tokens; reading x by token inside gate_up was slower still: 47 vs 40.5 us per
-    # call at 1 token, 0.76 vs 0.68 ms at 64)
-    x_grouped = jnp.take(x, token, axis=0)
+    identity = order is None  # grouped row j is pair j
+    if identity:
+        x_grouped, y_by_pair = jnp.broadcast_to(x[:1], (P, x.shape[1])), False
+    else:
+        token = jnp.concatenate([order // k, jnp.zeros((rows,), jnp.int32)])  # spare: token 0
+        # a gather, not a scatter of x into grouped order (a scatter kernel was 10 us per
+        # layer at 64 tokens; reading x by token inside gate_up was slower still: 47 vs
+        # 40.5 us per call at 1 token, 0.76 vs 0.68 ms at 64)
+        x_grouped = jnp.take(x, token, axis=0)
     # spare rows store to rows M, M + 1, ...: distinct and never read
     y_rows = (jnp.concatenate([order, jnp.arange(M, P, dtype=jnp.int32)]),) if y_by_pair else ()
 
@@ -268,7 +285,7 @@ def _grouped_experts(
         name="moe_down",
     )(*tiles, *y_rows, h_grouped, w_down)
 
-    y = (y_out[:M] if y_by_pair else y_out[pos]).reshape(N, k, D)  # (token, slot) order
+    y = (y_out[:M] if y_by_pair or identity else y_out[pos]).reshape(N, k, D)  # pair order
     here = (experts >= 0) & (experts < E)
     # Rows of ids not on this device were never written (uninitialised memory): zero them.
     return jnp.where(here[..., None], y, 0.0)
@@ -312,8 +329,9 @@ def moe_experts_decode(
         )
     R = max(MIN_DOT, pl.next_power_of_2(N))
     by_pair = blocks.y_by_pair[0] <= N <= blocks.y_by_pair[1]
+    group = _one_tile_per_pair if N == 1 and blocks.one_token_tiles else _group_by_expert
     return _grouped_experts(
-        x, experts, w_gate_up, w_down, layer, _group_by_expert, R, blocks, interpret, by_pair
+        x, experts, w_gate_up, w_down, layer, group, R, blocks, interpret, by_pair
     )
 
 

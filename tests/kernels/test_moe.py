@@ -83,6 +83,21 @@ def test_results_by_pair_or_gathered_agree(y_by_pair):
     assert rel_err(h, run(moe_experts_decode_ref, *args)) < TOL[jnp.float32]
 
 
+@pytest.mark.parametrize("one_token_tiles", [False, True])
+def test_one_token_tiles_or_grouped(one_token_tiles):
+    """A single token: its pairs as tiles directly, or through the general grouping; foreign
+    ids (== E, negative) among them give zero rows either way, with the weights stacked."""
+    x, experts, w_gate_up, w_down = moe_inputs(1, 4, 8, 64, 32, jnp.float32, seed=4)
+    experts = experts.at[0, 1].set(8).at[0, 3].set(-1)
+    stack_gu, stack_d = jnp.stack([w_gate_up * 0.5, w_gate_up]), jnp.stack([w_down, w_down])
+    blocks = dataclasses.replace(SMALL, one_token_tiles=one_token_tiles)
+    h = run(
+        moe_experts_decode, x, experts, stack_gu, stack_d, 1, interpret=INTERPRET, blocks=blocks
+    )
+    assert np.all(np.asarray(h)[0, [1, 3]] == 0.0)
+    assert rel_err(h, run(moe_experts_decode_ref, x, experts, w_gate_up, w_down)) < TOL[jnp.float32]
+
+
 def test_off_device_ids_give_zero_rows():
     """Ids == E (another device's expert) and any id outside [0, E) give exact zero rows."""
     x, experts, w_gate_up, w_down = moe_inputs(5, 3, 8, 64, 32, jnp.float32, seed=1)
