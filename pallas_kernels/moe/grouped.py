@@ -14,7 +14,8 @@ so the tiles of one expert run side by side and share each weight block through 
 Decode (`moe_experts_decode`, N <= 64 tokens) is bound by reading expert weights: one expert
 is 3 * D * F bf16 values (6 MiB at D=2048, F=512), and N tokens touch at most min(E, N * k)
 experts. Each touched expert is one tile of R = next power of two >= N rows (at least 16, the
-smallest tl.dot shape), grouped by compare-and-count without a sort. N = 1, k = 10 touches 10
+smallest tl.dot shape), grouped by compare-and-count without a sort; a single token's k
+distinct experts need no grouping (one tile per pair, x read in place). N = 1, k = 10 touches 10
 experts, 60 MiB, 14.6 us at 4.3 TB/s. H200, bf16, E=512, k=10, per call inside a jitted
 loop: N=1 40 us (the two kernels 15 + 11 us, the rest the grouping ops and launches) vs 64 us
 for the XLA gather of the touched experts; N=16 243 vs 660 us (floor 208); N=64 621 vs 2542 us
@@ -76,15 +77,24 @@ class MoEBlocks:
 PREFILL_BLOCKS = MoEBlocks(block_d=64, block_fin=64, num_stages=3)
 
 
-def _gate_up_kernel(
-    expert_ref, count_ref, start_ref, x_ref, w_ref, h_ref, *, rows, block_f, block_d
-):
-    # expert_ref, count_ref, start_ref [U] int32: slot s runs expert e on the grouped rows
-    #   [start, start + cnt) (cnt = 0: an empty slot)
-    # x_ref [M + R, D] grouped rows (R spare rows at the end)  w_ref [E, D, 2F] gate | up
+def _tile(tile_refs, s):
+    """Tile s: (expert, count, start). Tiles given as (expert, count) are one per pair of a
+    single token (`_one_tile_per_pair`): tile s is grouped row s."""
+    start = tile_refs[2][s] if len(tile_refs) == 3 else s
+    return tile_refs[0][s], tile_refs[1][s], start
+
+
+def _gate_up_kernel(*refs, rows, block_f, block_d, n_tile_refs):
+    # tile refs [U] int32, expert, count and start: slot s runs expert e on the grouped rows
+    #   [start, start + cnt) (cnt = 0: an empty slot); without start, slot s is row s and x
+    #   is the one token's row
+    # x_ref [M + R, D] grouped rows (R spare rows at the end), or [1, D]
+    # w_ref [E, D, 2F] gate | up
     # out: h_ref [M + R, F] silu(gate) * up in x's dtype; rows of other slots left untouched
+    tile_refs, (x_ref, w_ref, h_ref) = refs[:n_tile_refs], refs[n_tile_refs:]
     s, f = pl.program_id(0), pl.program_id(1)
-    e, cnt, start = expert_ref[s], count_ref[s], start_ref[s]
+    e, cnt, start = _tile(tile_refs, s)
+    one_token = n_tile_refs == 2
     F = h_ref.shape[1]
 
     @pl.when(cnt > 0)
@@ -95,7 +105,10 @@ def _gate_up_kernel(
 
         def body(i, acc):
             d = pl.ds(pl.multiple_of(i * block_d, block_d), block_d)
-            xs = plt.load(x_ref.at[pl.ds(start, rows), d], mask=mine, other=0)  # [R, BD]
+            if one_token:  # every row the token's (only row 0 is stored)
+                xs = jnp.broadcast_to(x_ref[pl.ds(0, 1), d], (rows, block_d))
+            else:
+                xs = plt.load(x_ref.at[pl.ds(start, rows), d], mask=mine, other=0)  # [R, BD]
             wg = w_ref[e, d, gate].astype(xs.dtype)  # [BD, BF]
             wu = w_ref[e, d, up].astype(xs.dtype)
             acc_g, acc_u = acc
@@ -110,14 +123,15 @@ def _gate_up_kernel(
         plt.store(h_ref.at[pl.ds(start, rows), gate], act, mask=mine)
 
 
-def _down_kernel(expert_ref, count_ref, start_ref, *refs, rows, block_dout, block_fin, scatter):
-    # expert_ref, count_ref, start_ref [U] int32 as above  h_ref [M + R, F] silu(gate) * up
-    # w_ref [E, F, D]  ->  y_ref [M + R, D] fp32; rows of other slots untouched. With
-    # `scatter`, pair_ref [M + R] int32 first: each grouped row's result is stored at its
-    # pair's row of y (token-major), not at its grouped row.
+def _down_kernel(*refs, rows, block_dout, block_fin, scatter, n_tile_refs):
+    # tile refs as above  h_ref [M + R, F] silu(gate) * up  w_ref [E, F, D]
+    #   ->  y_ref [M + R, D] fp32; rows of other slots untouched. With `scatter`, pair_ref
+    # [M + R] int32 first: each grouped row's result is stored at its pair's row of y
+    # (token-major), not at its grouped row.
+    tile_refs, refs = refs[:n_tile_refs], refs[n_tile_refs:]
     pair_ref, h_ref, w_ref, y_ref = refs if scatter else (None, *refs)
     s, o = pl.program_id(0), pl.program_id(1)
-    e, cnt, start = expert_ref[s], count_ref[s], start_ref[s]
+    e, cnt, start = _tile(tile_refs, s)
     out = pl.ds(o * block_dout, block_dout)
 
     @pl.when(cnt > 0)
@@ -170,12 +184,12 @@ def _group_by_expert(experts, E: int):
 
 def _one_tile_per_pair(experts, E: int):
     """Grouping of a single token (N = 1): its k ids are distinct, so pair j is tile j on
-    grouped row j (pos and order the identity, returned as None); ids outside [0, E) give an
-    empty tile. No grouping ops at all (at N = 1 they were most of the layer's small kernels)."""
+    grouped row j (pos and order the identity, returned as None; tiles (expert, count) with no
+    start); ids outside [0, E) give an empty tile. No grouping ops, no copy of x: at N = 1 those
+    were most of the layer's small kernels."""
     flat = experts.reshape(-1).astype(jnp.int32)
     here = (flat >= 0) & (flat < E)
-    expert = jnp.where(here, flat, 0)
-    return None, None, (expert, here.astype(jnp.int32), jnp.arange(flat.shape[0], dtype=jnp.int32))
+    return None, None, (jnp.where(here, flat, 0), here.astype(jnp.int32))
 
 
 def _group_by_sort(experts, E: int, block_m: int):
@@ -231,7 +245,8 @@ def _grouped_experts(
     any start stays inside; their loads and stores are masked), gate_up reading a grouped copy
     of x (one XLA gather). y_by_pair: down stores each row's result at its pair's row
     (token-major), else at its grouped row and one XLA gather puts the results back in pair
-    order."""
+    order. A grouping that returns pos = order = None (`_one_tile_per_pair`) needs neither:
+    gate_up reads x's one row and the grouped rows are already in pair order."""
     L, per_layer = _check_stack(w_gate_up, w_down, layer)
     E, D, F = validate_moe_inputs(x, experts, *per_layer)
     # one layer's experts are rows [layer * E, (layer + 1) * E) of the flattened stack (a
@@ -249,9 +264,9 @@ def _grouped_experts(
         offset = jnp.clip(jnp.asarray(layer, jnp.int32), 0, L - 1) * E
         tiles = (tiles[0] + offset, *tiles[1:])
     U, P = tiles[0].shape[0], M + rows
-    identity = order is None  # grouped row j is pair j
+    identity = order is None  # grouped row j is pair j, and gate_up reads the one row of x
     if identity:
-        x_grouped, y_by_pair = jnp.broadcast_to(x[:1], (P, x.shape[1])), False
+        x_grouped, y_by_pair = x, False
     else:
         token = jnp.concatenate([order // k, jnp.zeros((rows,), jnp.int32)])  # spare: token 0
         # a gather, not a scatter of x into grouped order (a scatter kernel was 10 us per
@@ -263,9 +278,11 @@ def _grouped_experts(
 
     whole = pl.BlockSpec()  # the whole array: the kernels index their expert and rows by hand
     h_grouped = pl.pallas_call(
-        functools.partial(_gate_up_kernel, rows=rows, block_f=BF, block_d=BD),
+        functools.partial(
+            _gate_up_kernel, rows=rows, block_f=BF, block_d=BD, n_tile_refs=len(tiles)
+        ),
         grid=(U, F // BF),
-        in_specs=[whole] * 5,
+        in_specs=[whole] * (len(tiles) + 2),
         out_specs=whole,
         out_shape=jax.ShapeDtypeStruct((P, F), x.dtype),
         compiler_params=compiler_params(blocks.num_warps, blocks.num_stages),
@@ -274,10 +291,15 @@ def _grouped_experts(
     )(*tiles, x_grouped, w_gate_up)
     y_out = pl.pallas_call(
         functools.partial(
-            _down_kernel, rows=rows, block_dout=BO, block_fin=BFin, scatter=y_by_pair
+            _down_kernel,
+            rows=rows,
+            block_dout=BO,
+            block_fin=BFin,
+            scatter=y_by_pair,
+            n_tile_refs=len(tiles),
         ),
         grid=(U, D // BO),
-        in_specs=[whole] * (5 + len(y_rows)),
+        in_specs=[whole] * (len(tiles) + 2 + len(y_rows)),
         out_specs=whole,
         out_shape=jax.ShapeDtypeStruct((P, D), jnp.float32),
         compiler_params=compiler_params(blocks.num_warps, blocks.num_stages),
