@@ -12,10 +12,10 @@ over [q_h | k_h | v] per group, so its channels (and state) are grouped per key 
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.causal_conv1d import conv_state_after
 from qnext_jax import ops
 from qnext_jax.cache import GDN_CONV_AXES, GDN_STATE_AXES, CacheSlots, LayerCache
 from qnext_jax.config import Qwen3NextConfig, RuntimeOptions
@@ -69,10 +69,11 @@ class GatedDeltaNet(nnx.Module):
         qkvz = self.in_proj_qkvz(x, layer).reshape(B, T, H, 2 * K + 2 * R * V)
         mixed = qkvz[..., : 2 * K + R * V].reshape(B, T, -1)  # conv input, grouped per key head
         z = qkvz[..., 2 * K + R * V :].reshape(B, T, HV, V)
-        ba = self.in_proj_ba(x, layer).reshape(B, T, H, 2 * R)
-        b, a = ba[..., :R].reshape(B, T, HV), ba[..., R:].reshape(B, T, HV)
+        ba = self.in_proj_ba(x, layer).reshape(B, T, H, 2 * R)  # per key head: b | a
 
-        conv_in = state_in = state_layer = None
+        conv_in = state_in = state_layer = conv_stack = None
+        # decode on the whole stacks: the conv updates its state in the stack itself
+        conv_in_place = cache is not None and slots is None and T <= 8 and not return_all_states
         if cache is not None:
             own = cache.read()
             if slots is None:  # the whole stack and the layer
@@ -80,29 +81,28 @@ class GatedDeltaNet(nnx.Module):
             else:
                 conv_in, state_in = slots.gather(own.conv), slots.gather(own.state)
         mixed = jnp.where(valid[..., None], mixed, 0)
-        conv_out, _ = ops.causal_conv1d(
-            mixed, self.conv_w[...], conv_in, impl=self.gdn_impl, mesh=self.mesh
-        )
-        conv_out = conv_out.reshape(B, T, H, 2 * K + R * V)
-        q, k = conv_out[..., :K], conv_out[..., K : 2 * K]
-        v = conv_out[..., 2 * K :].reshape(B, T, HV, V)
-        q, k = (constrain(a, ("batch", None, "k_heads", None), self.mesh) for a in (q, k))
-        v = constrain(v, ("batch", None, "v_heads", None), self.mesh)
-
-        beta = jax.nn.sigmoid(b).astype(jnp.float32)  # sigmoid in the activation dtype, as HF
-        g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(
-            a.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
-        )
-        # padding: no decay, no write -> the state passes through unchanged
-        beta = jnp.where(valid[..., None], beta, 0.0)
-        g = jnp.where(valid[..., None], g, 0.0)
-
-        result = ops.gated_delta_rule(
-            q,
-            k,
-            v,
-            g,
-            beta,
+        n_valid = jnp.sum(valid, axis=1, dtype=jnp.int32)  # real tokens are left-aligned
+        if conv_in_place:
+            conv_out, conv_stack = ops.causal_conv1d_update(
+                mixed,
+                self.conv_w[...],
+                cache.stack.conv,
+                state_layer=cache.layer,
+                n_valid=n_valid,
+                impl=self.gdn_impl,
+                mesh=self.mesh,
+            )
+        else:
+            conv_out, _ = ops.causal_conv1d(
+                mixed, self.conv_w[...], conv_in, impl=self.gdn_impl, mesh=self.mesh
+            )
+        result = ops.gated_delta_rule_from_projections(
+            conv_out.reshape(B, T, H, 2 * K + R * V),
+            ba,
+            self.A_log[...],
+            self.dt_bias[...],
+            n_valid,
+            key_dim=K,
             initial_state=state_in,
             state_layer=state_layer,
             impl=self.gdn_impl,
@@ -116,8 +116,13 @@ class GatedDeltaNet(nnx.Module):
 
         new_cache = None
         if cache is not None:
-            conv_state = constrain(_last_inputs(conv_in, mixed, valid), GDN_CONV_AXES, self.mesh)
-            new_cache = cache.write("conv", conv_state, slots)
+            if conv_in_place:
+                conv_stack = constrain(conv_stack, ("layers", *GDN_CONV_AXES), self.mesh)
+                new_cache = cache.with_stack(conv=conv_stack)
+            else:
+                conv_state = conv_state_after(conv_in, mixed, n_valid)
+                conv_state = constrain(conv_state, GDN_CONV_AXES, self.mesh)
+                new_cache = cache.write("conv", conv_state, slots)
             if slots is None:  # the whole stack, updated at the layer
                 state = constrain(state, ("layers", *GDN_STATE_AXES), self.mesh)
                 new_cache = new_cache.with_stack(state=state)
@@ -127,15 +132,6 @@ class GatedDeltaNet(nnx.Module):
         if return_all_states:
             return out, new_cache, (result[2], _all_conv_states(conv_in, mixed))
         return out, new_cache
-
-
-def _last_inputs(conv_state, mixed, valid):
-    """The last W-1 conv inputs of each row, counting only its valid (left-aligned) tokens."""
-    Wm1 = conv_state.shape[1]
-    ext = jnp.concatenate([conv_state.astype(mixed.dtype), mixed], axis=1)  # [B, W-1+T, C]
-    n = jnp.sum(valid, axis=1)  # [B]
-    idx = n[:, None] + jnp.arange(Wm1)[None, :]  # window ending at the last valid token
-    return jnp.take_along_axis(ext, idx[..., None], axis=1)
 
 
 def _all_conv_states(conv_state, mixed):

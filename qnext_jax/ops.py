@@ -160,6 +160,93 @@ def gated_delta_rule(
     raise ValueError(f"gdn_impl={impl!r}; allowed: 'auto', 'pallas', 'chunked', 'recurrent'")
 
 
+def gated_delta_rule_from_projections(
+    qkv,
+    ba,
+    A_log,
+    dt_bias,
+    n_valid,
+    *,
+    key_dim: int,
+    initial_state=None,
+    state_layer=None,
+    impl: str = "auto",
+    chunk_size: int = 64,
+    return_all_states: bool = False,
+    mesh=None,
+):
+    """The Gated DeltaNet recurrence from the layer's projections, grouped per key head h as
+    the checkpoint stores them: qkv [B,T,H,2K+R*V] = q_h | k_h | v of value heads h*R..h*R+R-1
+    (the conv output), ba [B,T,H,2R] = b | a of those heads; A_log, dt_bias [HV]; n_valid [B]
+    real tokens per right-padded row (past them g = beta = 0: the state passes unchanged).
+
+      beta = sigmoid(b) (in b's dtype, as HF), g = -exp(A_log) * softplus(a + dt_bias) (fp32)
+      -> gated_delta_rule(l2norm(q), l2norm(k), v, g, beta)
+
+    The decode step on a state stack (state_layer, T <= 8) is one kernel on the GPU: q, k, v
+    read in place from qkv and the gates computed inside (`fused_gdn_decode`); otherwise the
+    pieces are split here and handed to `gated_delta_rule`. Returns as `gated_delta_rule`."""
+    B, T, H, _ = qkv.shape
+    K = key_dim
+    HV = A_log.shape[0]
+    R = HV // H
+    V = (qkv.shape[3] - 2 * K) // R
+    fused = _kernel("pallas_kernels.gated_delta_rule", "fused_gdn_decode")
+    if (
+        fused is not None
+        and state_layer is not None
+        and initial_state.dtype == jnp.float32
+        and not return_all_states
+        and _decode_kernel_applies(impl, T, return_all_states)
+    ):
+        group_axes = ("batch", None, "k_heads", None)
+        in_axes = (group_axes, group_axes, ("v_heads",), ("v_heads",), ("batch",))
+        in_axes += (("layers", *STATE_AXES), ())
+        out_axes = (V_AXES, ("layers", *STATE_AXES))
+
+        def run(qkv, ba, A_log, dt_bias, n_valid, stack, layer):
+            return tuple(
+                fused(
+                    qkv,
+                    ba,
+                    A_log,
+                    dt_bias,
+                    stack,
+                    layer,
+                    key_dim=K,
+                    n_valid=n_valid,
+                    interpret=not on_gpu(),
+                )
+            )
+
+        layer = jnp.asarray(state_layer, jnp.int32)
+        args = (qkv, ba, A_log, dt_bias, n_valid, initial_state, layer)
+        return sharding.per_shard(run, mesh, in_axes, out_axes)(*args)
+    q, k = qkv[..., :K], qkv[..., K : 2 * K]
+    v = qkv[..., 2 * K :].reshape(B, T, HV, V)
+    q, k = (sharding.constrain(a, QK_AXES, mesh) for a in (q, k))
+    v = sharding.constrain(v, V_AXES, mesh)
+    b, a = ba[..., :R].reshape(B, T, HV), ba[..., R:].reshape(B, T, HV)
+    beta = jax.nn.sigmoid(b).astype(jnp.float32)  # sigmoid in the activation dtype, as HF
+    g = -jnp.exp(A_log.astype(jnp.float32)) * jax.nn.softplus(
+        a.astype(jnp.float32) + dt_bias.astype(jnp.float32)
+    )
+    real = (jnp.arange(T)[None, :] < n_valid[:, None])[..., None]
+    return gated_delta_rule(
+        q,
+        k,
+        v,
+        jnp.where(real, g, 0.0),
+        jnp.where(real, beta, 0.0),
+        initial_state=initial_state,
+        state_layer=state_layer,
+        impl=impl,
+        chunk_size=chunk_size,
+        return_all_states=return_all_states,
+        mesh=mesh,
+    )
+
+
 def _decode_kernel_applies(impl: str, T: int, return_all_states: bool) -> bool:
     """Whether gated_delta_rule runs the fused decode (token-loop) kernel: for T <= 8, and for
     any pass that keeps every position's state; on the GPU ("auto") or on any backend
@@ -209,6 +296,46 @@ def conv_per_shard(kernel, mesh, x, weight, initial_state, **kw):
 
     in_axes = (CONV_AXES, (None, "k_heads"), CONV_AXES)
     return sharding.per_shard(run, mesh, in_axes, (CONV_AXES, CONV_AXES))(x, weight, initial_state)
+
+
+def causal_conv1d_update(
+    x, weight, state, *, state_layer=None, n_valid=None, impl: str = "auto", mesh=None
+):
+    """Decode update of T <= 8 tokens: x [B,T,C], weight [W,C], state [B,W-1,C] (or with
+    state_layer the stack [L,B,W-1,C], updated at the layer) -> (silu(conv(x)) [B,T,C], new
+    state or stack). n_valid [B]: real tokens per (right-padded) row; the state advances by
+    those only. On the GPU ("auto") or when asked ("pallas") one kernel that also writes the
+    state (in place in the stack); else the reference and a slice update of the stack."""
+    update = _kernel("pallas_kernels.causal_conv1d", "causal_conv1d_update")
+    if update is not None and (impl == "pallas" or (impl == "auto" and on_gpu())):
+        stack_axes = CONV_AXES if state_layer is None else ("layers", *CONV_AXES)
+        in_axes = [CONV_AXES, (None, "k_heads"), stack_axes, ("batch",)]
+        if n_valid is None:
+            n_valid = jnp.full((x.shape[0],), x.shape[1], jnp.int32)
+        args = [x, weight, state, n_valid]
+        if state_layer is not None:  # a replicated int32 scalar
+            in_axes.append(())
+            args.append(jnp.asarray(state_layer, jnp.int32))
+
+        def run(x, weight, state, n_valid, *layer):
+            return tuple(
+                update(
+                    x,
+                    weight,
+                    state,
+                    state_layer=layer[0] if layer else None,
+                    n_valid=n_valid,
+                    interpret=not on_gpu(),
+                )
+            )
+
+        out_axes = (CONV_AXES, stack_axes)
+        return sharding.per_shard(run, mesh, tuple(in_axes), out_axes)(*args)
+    if state_layer is None:
+        return causal_conv1d_ref(x, weight, state, activation="silu", n_valid=n_valid)
+    own = jax.lax.dynamic_index_in_dim(state, state_layer, keepdims=False)
+    y, new = causal_conv1d_ref(x, weight, own, activation="silu", n_valid=n_valid)
+    return y, jax.lax.dynamic_update_index_in_dim(state, new.astype(state.dtype), state_layer, 0)
 
 
 # ---- attention -----------------------------------------------------------------------------

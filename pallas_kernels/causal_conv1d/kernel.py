@@ -1,10 +1,14 @@
-"""Causal depthwise conv1d (+ SiLU) as a Pallas (Triton backend) kernel, for prefill with an
+"""Causal depthwise conv1d (+ SiLU) as Pallas (Triton backend) kernels, for prefill with an
 initial conv state and for the decode update (T <= 8 new tokens).
 
-One program owns `block_t` time rows x `block_c` channels. It loads the block_t + W - 1 input rows
-it needs one row at a time: rows before the sequence start come from the conv state, so the
-caller never concatenates state and input (no extra pass over x), and rows past T are never
-stored. The W taps are unrolled; the sum is fp32, as the causal_conv1d CUDA kernel does.
+Prefill: one program owns `block_t` time rows x `block_c` channels. It loads the block_t + W - 1
+input rows it needs one row at a time: rows before the sequence start come from the conv state,
+so the caller never concatenates state and input (no extra pass over x), and rows past T are
+never stored. The W taps are unrolled; the sum is fp32, as the causal_conv1d CUDA kernel does.
+
+Decode update: one program owns a row's T tokens x `block_c` channels and also writes the new
+conv state (the W - 1 inputs ending at the row's last real token), optionally into a stack of
+layers' states in place, so a decode step spends no XLA ops on the conv state.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels._triton import compiler_params
-from pallas_kernels.causal_conv1d.reference import validate_conv_inputs
+from pallas_kernels.causal_conv1d.reference import validate_conv_inputs, validate_n_valid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,26 +126,93 @@ def causal_conv1d(
     return y, _final_state(x, initial_state)
 
 
+def _update_kernel(x_ref, w_ref, s_ref, layer_ref, n_ref, y_ref, out_ref, *, activation):
+    # x_ref [T, BC]  w_ref [W, BC]  n_ref [B] int32: real tokens per row (left aligned)
+    # s_ref, out_ref: the whole state stack [L * B, W-1, C] (one buffer); this program reads
+    # and rewrites its [W-1, BC] block at row layer * B + b  ->  y_ref [T, BC]
+    T, W = x_ref.shape[0], w_ref.shape[0]
+    b = pl.program_id(0)
+    row = layer_ref[0] * pl.num_programs(0) + b
+    bc = x_ref.shape[1]
+    cols = pl.ds(pl.program_id(1) * bc, bc)
+    taps = [w_ref[j, :].astype(jnp.float32) for j in range(W)]
+    ext = [s_ref[row, i, cols].astype(jnp.float32) for i in range(W - 1)]
+    ext += [x_ref[t, :].astype(jnp.float32) for t in range(T)]  # concat(state, x), fp32 rows
+    for t in range(T):
+        y = taps[0] * ext[t]
+        for j in range(1, W):
+            y = y + taps[j] * ext[t + j]
+        if activation == "silu":
+            y = y * jax.nn.sigmoid(y)
+        y_ref[t, :] = y.astype(y_ref.dtype)
+    n = n_ref[b]
+    for i in range(W - 1):  # new state row i = ext row n + i (n in 0..T: a select chain)
+        new = ext[i]
+        for c in range(1, T + 1):
+            new = jnp.where(n == c, ext[i + c], new)
+        out_ref[row, i, cols] = new.astype(out_ref.dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("activation", "interpret", "blocks"))
 def causal_conv1d_update(
-    x, weight, state, *, activation="silu", interpret=False, blocks: ConvBlocks = ConvBlocks()
+    x,
+    weight,
+    state,
+    *,
+    state_layer=None,
+    n_valid=None,
+    activation="silu",
+    interpret=False,
+    blocks: ConvBlocks = ConvBlocks(),
 ):
     """Decode update for T = 1..8 new tokens. x [B, T, C], weight [W, C], state [B, W-1, C].
 
-    Returns (y [B, T, C] in x's dtype, new_state [B, W-1, C])."""
-    validate_conv_inputs(x, weight, state)
-    _check_activation(activation)
+    n_valid [B] int32 (None: all T): rows are right-padded, and the new state of row b ends at
+    its n_valid[b]-th token (0: unchanged). y is computed for every position.
+    With state_layer (an int32 scalar, clamped into [0, L)), state is a stack of layers' conv
+    states [L, B, W-1, C], read at state_layer and updated there in place: the returned state is
+    the whole stack (inside a scan over layers this keeps the state out of slice copies).
+
+    Returns (y [B, T, C] in x's dtype, new state [B, W-1, C] or the stack, in state's dtype)."""
     if state is None:
         raise ValueError("state must be given for the decode update")
-    if not 1 <= x.shape[1] <= 8:
+    stack = state if state_layer is not None else state[None]
+    if stack.ndim != 4:
+        raise ValueError(
+            f"with state_layer, state must be the stack [L, B, W-1, C], got {tuple(state.shape)}"
+        )
+    validate_conv_inputs(x, weight, stack[0])
+    _check_activation(activation)
+    B, T, C = x.shape
+    if not 1 <= T <= 8:
         raise ValueError(f"causal_conv1d_update takes 1..8 tokens, got x {tuple(x.shape)}")
-    y = _conv_call(
-        x,
-        weight,
-        state,
-        activation=activation,
-        block_t=x.shape[1],
-        blocks=blocks,
+    validate_n_valid(n_valid, B)
+    L, W = stack.shape[0], weight.shape[0]
+    BC = min(blocks.block_c, C & -C)
+    if BC & (BC - 1):
+        raise ValueError(f"block_c={blocks.block_c} must be a power of 2")
+    layer = jnp.clip(jnp.asarray(0 if state_layer is None else state_layer, jnp.int32), 0, L - 1)
+    n = jnp.full((B,), T, jnp.int32) if n_valid is None else n_valid.astype(jnp.int32)
+    whole = pl.BlockSpec()
+    y, new = pl.pallas_call(
+        functools.partial(_update_kernel, activation=activation),
+        grid=(B, C // BC),
+        in_specs=[
+            pl.BlockSpec((None, T, BC), lambda b, c: (b, 0, c)),
+            pl.BlockSpec((W, BC), lambda b, c: (0, c)),
+            whole,
+            whole,
+            whole,
+        ],
+        out_specs=[pl.BlockSpec((None, T, BC), lambda b, c: (b, 0, c)), whole],
+        out_shape=[
+            jax.ShapeDtypeStruct((B, T, C), x.dtype),
+            jax.ShapeDtypeStruct((L * B, W - 1, C), stack.dtype),
+        ],
+        input_output_aliases={2: 1},  # the state written into its own buffer
+        compiler_params=compiler_params(blocks.num_warps, 1),
         interpret=interpret,
-    )
-    return y, _final_state(x, state)
+        name="causal_conv1d_update",
+    )(x, weight, stack.reshape(L * B, W - 1, C), layer.reshape(1), jnp.clip(n, 0, T))
+    new = new.reshape(stack.shape)
+    return y, (new if state_layer is not None else new[0])

@@ -1,7 +1,11 @@
 """Gated delta rule: pure-jnp references and Pallas kernels (chunked prefill, fused decode)."""
 
 from pallas_kernels.gated_delta_rule.chunk import ChunkBlocks, chunk_gated_delta_rule
-from pallas_kernels.gated_delta_rule.decode import DecodeBlocks, fused_recurrent_gated_delta_rule
+from pallas_kernels.gated_delta_rule.decode import (
+    DecodeBlocks,
+    fused_gdn_decode,
+    fused_recurrent_gated_delta_rule,
+)
 from pallas_kernels.gated_delta_rule.gates import gdn_gates, softplus
 from pallas_kernels.gated_delta_rule.reference import (
     chunk_gated_delta_rule_ref,
@@ -15,6 +19,7 @@ __all__ = [
     "DecodeBlocks",
     "chunk_gated_delta_rule",
     "chunk_gated_delta_rule_ref",
+    "fused_gdn_decode",
     "fused_recurrent_gated_delta_rule",
     "gdn_gates",
     "l2norm",

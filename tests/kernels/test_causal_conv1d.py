@@ -69,6 +69,32 @@ def test_update_matches_reference(T):
     assert rel_err(st, st_ref) == 0.0
 
 
+@pytest.mark.parametrize("T", [1, 4])
+def test_update_in_place_with_padded_rows(T):
+    """The state stack updated in place at its layer, rows right-padded (n_valid 0..T): the
+    layer's state ends at each row's last real token, the other layers are untouched."""
+    x, w, s0 = _inputs(4, T, jnp.bfloat16, seed=30 + T)
+    rng = np.random.default_rng(T)
+    stack = jnp.asarray(rng.standard_normal((3, 4, W - 1, C)), jnp.bfloat16).at[2].set(s0)
+    n_valid = jnp.asarray([T, 0, T // 2, 1], jnp.int32)
+    y, new = run(
+        causal_conv1d_update,
+        x,
+        w,
+        stack,
+        state_layer=2,
+        n_valid=n_valid,
+        interpret=INTERPRET,
+        blocks=BLOCKS,
+    )
+    y_ref, st_ref = causal_conv1d_ref(x, w, s0, n_valid=n_valid)
+    assert new.shape == stack.shape and new.dtype == stack.dtype
+    assert rel_err(y, y_ref) < TOL[jnp.bfloat16]
+    assert rel_err(new[2], st_ref) == 0.0
+    assert rel_err(new[2, 1], s0[1]) == 0.0  # no real token: unchanged
+    assert rel_err(new[:2], stack[:2]) == 0.0
+
+
 def test_conv_contract_violations_raise():
     x, w, s0 = _inputs(1, 4, jnp.float32, seed=0)
     with pytest.raises(ValueError, match="weight"):
@@ -81,6 +107,10 @@ def test_conv_contract_violations_raise():
         causal_conv1d_update(jnp.concatenate([x, x, x], axis=1), w, s0, interpret=INTERPRET)
     with pytest.raises(ValueError, match="activation"):
         causal_conv1d(x, w, activation="relu", interpret=INTERPRET)
+    with pytest.raises(ValueError, match="n_valid"):
+        causal_conv1d_update(x[:, :1], w, s0, n_valid=jnp.ones((2,), jnp.int32))
+    with pytest.raises(ValueError, match="stack"):
+        causal_conv1d_update(x[:, :1], w, s0, state_layer=0)
 
 
 def test_channel_count_not_a_multiple_of_the_block():

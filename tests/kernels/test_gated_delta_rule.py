@@ -15,7 +15,9 @@ from pallas_kernels.gated_delta_rule import (
     ChunkBlocks,
     DecodeBlocks,
     chunk_gated_delta_rule,
+    fused_gdn_decode,
     fused_recurrent_gated_delta_rule,
+    gdn_gates,
     recurrent_gated_delta_rule,
 )
 
@@ -180,6 +182,50 @@ def test_decode_updates_a_state_stack_in_place(T, all_states):
             output_final_state=False,
             interpret=INTERPRET,
         )
+
+
+@pytest.mark.parametrize("T, R, dtype", [(1, 2, jnp.bfloat16), (3, 1, jnp.float32)])
+def test_decode_from_projections(T, R, dtype):
+    """fused_gdn_decode reads q, k, v from the grouped conv output [B, T, H, 2K + R*V] and
+    computes the gates from ba [B, T, H, 2R] in the kernel: equal to splitting them outside
+    and the recurrent reference; padded positions (n_valid) leave the state unchanged."""
+    import numpy as np
+
+    B, H = 3, 2
+    HV = H * R
+    q, k, v, _, _, s0 = gdn_inputs(B, T, H, R, K, V, dtype, seed=40 + T)
+    rng = np.random.default_rng(T)
+    ba = jnp.asarray(rng.standard_normal((B, T, H, 2 * R)), dtype)
+    A_log = jnp.asarray(np.log(np.linspace(1.0, 16.0, HV)), dtype)
+    dt_bias = jnp.asarray(rng.standard_normal(HV), dtype)
+    qkv = jnp.concatenate([q, k, v.reshape(B, T, H, R * V)], axis=-1)
+    n_valid = jnp.asarray([T, 0, 1], jnp.int32)
+    stack = jnp.stack([s0 + 1.0, s0])
+    o, new = run(
+        fused_gdn_decode,
+        qkv,
+        ba,
+        A_log,
+        dt_bias,
+        stack,
+        jnp.int32(1),
+        key_dim=K,
+        n_valid=n_valid,
+        interpret=INTERPRET,
+        blocks=DecodeBlocks(block_v=16),
+    )
+    b, a = ba[..., :R].reshape(B, T, HV), ba[..., R:].reshape(B, T, HV)
+    g, beta = gdn_gates(a, b, A_log, dt_bias)
+    real = (jnp.arange(T)[None, :] < n_valid[:, None])[..., None]
+    g, beta = jnp.where(real, g, 0.0), jnp.where(real, beta, 0)
+    o_ref, st_ref = _ref(q, k, v, g, beta, s0)
+    assert jnp.array_equal(new[0], stack[0])
+    assert rel_err(new[1], st_ref) < TOL[dtype] and rel_err(o, o_ref) < TOL[dtype]
+    assert rel_err(new[1, 1], s0[1]) == 0.0  # a row with no real token: state unchanged
+    with pytest.raises(ValueError, match="2K"):
+        fused_gdn_decode(qkv[..., 1:], ba, A_log, dt_bias, stack, 0, key_dim=K, interpret=INTERPRET)
+    with pytest.raises(ValueError, match="2R"):
+        fused_gdn_decode(qkv, ba[..., :1], A_log, dt_bias, stack, 0, key_dim=K, interpret=INTERPRET)
 
 
 def test_decode_after_prefill_equals_longer_prefill():
