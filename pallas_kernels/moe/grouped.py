@@ -15,7 +15,7 @@ Decode (`moe_experts_decode`, N <= 64 tokens) is bound by reading expert weights
 is 3 * D * F bf16 values (6 MiB at D=2048, F=512), and N tokens touch at most min(E, N * k)
 experts. Each touched expert is one tile of R = next power of two >= N rows (at least 16, the
 smallest tl.dot shape), grouped by compare-and-count without a sort; a single token's k
-distinct experts need no grouping (one tile per pair, x read in place). N = 1, k = 10 touches 10
+distinct experts need no grouping (one tile per pair). N = 1, k = 10 touches 10
 experts, 60 MiB, 14.6 us at 4.3 TB/s. H200, bf16, E=512, k=10, per call inside a jitted
 loop: N=1 40 us (the two kernels 15 + 11 us, the rest the grouping ops and launches) vs 64 us
 for the XLA gather of the touched experts; N=16 243 vs 660 us (floor 208); N=64 621 vs 2542 us
@@ -86,15 +86,13 @@ def _tile(tile_refs, s):
 
 def _gate_up_kernel(*refs, rows, block_f, block_d, n_tile_refs):
     # tile refs [U] int32, expert, count and start: slot s runs expert e on the grouped rows
-    #   [start, start + cnt) (cnt = 0: an empty slot); without start, slot s is row s and x
-    #   is the one token's row
-    # x_ref [M + R, D] grouped rows (R spare rows at the end), or [1, D]
+    #   [start, start + cnt) (cnt = 0: an empty slot); without start, slot s is row s
+    # x_ref [M + R, D] grouped rows (R spare rows at the end)
     # w_ref [E, D, 2F] gate | up
     # out: h_ref [M + R, F] silu(gate) * up in x's dtype; rows of other slots left untouched
     tile_refs, (x_ref, w_ref, h_ref) = refs[:n_tile_refs], refs[n_tile_refs:]
     s, f = pl.program_id(0), pl.program_id(1)
     e, cnt, start = _tile(tile_refs, s)
-    one_token = n_tile_refs == 2
     F = h_ref.shape[1]
 
     @pl.when(cnt > 0)
@@ -105,10 +103,7 @@ def _gate_up_kernel(*refs, rows, block_f, block_d, n_tile_refs):
 
         def body(i, acc):
             d = pl.ds(pl.multiple_of(i * block_d, block_d), block_d)
-            if one_token:  # every row the token's (only row 0 is stored)
-                xs = jnp.broadcast_to(x_ref[pl.ds(0, 1), d], (rows, block_d))
-            else:
-                xs = plt.load(x_ref.at[pl.ds(start, rows), d], mask=mine, other=0)  # [R, BD]
+            xs = plt.load(x_ref.at[pl.ds(start, rows), d], mask=mine, other=0)  # [R, BD]
             wg = w_ref[e, d, gate].astype(xs.dtype)  # [BD, BF]
             wu = w_ref[e, d, up].astype(xs.dtype)
             acc_g, acc_u = acc
@@ -185,8 +180,8 @@ def _group_by_expert(experts, E: int):
 def _one_tile_per_pair(experts, E: int):
     """Grouping of a single token (N = 1): its k ids are distinct, so pair j is tile j on
     grouped row j (pos and order the identity, returned as None; tiles (expert, count) with no
-    start); ids outside [0, E) give an empty tile. No grouping ops, no copy of x: at N = 1 those
-    were most of the layer's small kernels."""
+    start); ids outside [0, E) give an empty tile. No grouping ops: at N = 1 they were most of
+    the layer's small kernels."""
     flat = experts.reshape(-1).astype(jnp.int32)
     here = (flat >= 0) & (flat < E)
     return None, None, (jnp.where(here, flat, 0), here.astype(jnp.int32))
@@ -245,8 +240,8 @@ def _grouped_experts(
     any start stays inside; their loads and stores are masked), gate_up reading a grouped copy
     of x (one XLA gather). y_by_pair: down stores each row's result at its pair's row
     (token-major), else at its grouped row and one XLA gather puts the results back in pair
-    order. A grouping that returns pos = order = None (`_one_tile_per_pair`) needs neither:
-    gate_up reads x's one row and the grouped rows are already in pair order."""
+    order. A grouping that returns pos = order = None (`_one_tile_per_pair`, one token) needs
+    neither: the grouped rows are already in pair order and x's copy is a broadcast."""
     L, per_layer = _check_stack(w_gate_up, w_down, layer)
     E, D, F = validate_moe_inputs(x, experts, *per_layer)
     # one layer's experts are rows [layer * E, (layer + 1) * E) of the flattened stack (a
@@ -264,9 +259,11 @@ def _grouped_experts(
         offset = jnp.clip(jnp.asarray(layer, jnp.int32), 0, L - 1) * E
         tiles = (tiles[0] + offset, *tiles[1:])
     U, P = tiles[0].shape[0], M + rows
-    identity = order is None  # grouped row j is pair j, and gate_up reads the one row of x
+    identity = order is None  # grouped row j is pair j: every row is the one token's
     if identity:
-        x_grouped, y_by_pair = x, False
+        # (gate_up reading x's one row and broadcasting it in registers ran at half speed:
+        # 22 vs 11 us per layer on the 80B at batch 1)
+        x_grouped, y_by_pair = jnp.broadcast_to(x, (P, x.shape[1])), False
     else:
         token = jnp.concatenate([order // k, jnp.zeros((rows,), jnp.int32)])  # spare: token 0
         # a gather, not a scatter of x into grouped order (a scatter kernel was 10 us per
