@@ -12,6 +12,7 @@ over [q_h | k_h | v] per group, so its channels (and state) are grouped per key 
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -80,12 +81,20 @@ class GatedDeltaNet(nnx.Module):
                 conv_in, state_in, state_layer = own.conv, cache.stack.state, cache.layer
             else:
                 conv_in, state_in = slots.gather(own.conv), slots.gather(own.state)
+        # LayerStack keeps conv_w, A_log and dt_bias whole ([L, ...]) for decode sizes: the
+        # kernels that update the layer's cache in place read them in place too (a slice would
+        # be a copy); other paths take this layer's slice
+        conv_w, A_log, dt_bias = self.conv_w[...], self.A_log[...], self.dt_bias[...]
+        whole = conv_w.ndim == 3
+        own = lambda p: jax.lax.dynamic_index_in_dim(p, layer, keepdims=False)  # noqa: E731
+        if whole and state_layer is None:
+            A_log, dt_bias = own(A_log), own(dt_bias)
         mixed = jnp.where(valid[..., None], mixed, 0)
         n_valid = jnp.sum(valid, axis=1, dtype=jnp.int32)  # real tokens are left-aligned
         if conv_in_place:
             conv_out, conv_stack = ops.causal_conv1d_update(
                 mixed,
-                self.conv_w[...],
+                conv_w,
                 cache.stack.conv,
                 state_layer=cache.layer,
                 n_valid=n_valid,
@@ -93,14 +102,15 @@ class GatedDeltaNet(nnx.Module):
                 mesh=self.mesh,
             )
         else:
+            conv_w = own(conv_w) if whole else conv_w
             conv_out, _ = ops.causal_conv1d(
-                mixed, self.conv_w[...], conv_in, impl=self.gdn_impl, mesh=self.mesh
+                mixed, conv_w, conv_in, impl=self.gdn_impl, mesh=self.mesh
             )
         result = ops.gated_delta_rule_from_projections(
             conv_out.reshape(B, T, H, 2 * K + R * V),
             ba,
-            self.A_log[...],
-            self.dt_bias[...],
+            A_log,
+            dt_bias,
             n_valid,
             key_dim=K,
             initial_state=state_in,

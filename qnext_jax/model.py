@@ -135,6 +135,8 @@ class LayerStack(nnx.Module):
         # Decode-sized batches keep the projections' stacks whole too: the Pallas projection
         # kernel reads its layer in place (sliced, each layer's weights were copied before
         # their dots, ~0.6 ms per step on the 80B model); larger batches slice them for XLA.
+        # So do the GDN decode kernels' small weights (conv_w, A_log, dt_bias): their slices'
+        # copies ran as memcpys between XLA's command buffers, splitting them.
         keep_whole = _expert_stack
         if ops.linear_kernel_applies(self.linear_impl, math.prod(x.shape[:-1])):
             keep_whole = _kernel_weight_stack
@@ -173,9 +175,10 @@ def _expert_stack(path, _value) -> bool:
 
 
 def _kernel_weight_stack(path, value) -> bool:
-    """The routed experts' and the projections' (Linear.w, [L, in, out]) weights of a
-    LayerStack."""
-    return _expert_stack(path, value) or (path[-1] == "w" and value.ndim == 3)
+    """The routed experts', the projections' (Linear.w, [L, in, out]) and the GDN kernels'
+    (conv_w, A_log, dt_bias) weights of a LayerStack: kernels read their layer in place."""
+    gdn = path[-1] in ("conv_w", "A_log", "dt_bias")
+    return _expert_stack(path, value) or gdn or (path[-1] == "w" and value.ndim == 3)
 
 
 @dataclasses.dataclass

@@ -179,6 +179,7 @@ def gated_delta_rule_from_projections(
     the checkpoint stores them: qkv [B,T,H,2K+R*V] = q_h | k_h | v of value heads h*R..h*R+R-1
     (the conv output), ba [B,T,H,2R] = b | a of those heads; A_log, dt_bias [HV]; n_valid [B]
     real tokens per right-padded row (past them g = beta = 0: the state passes unchanged).
+    With state_layer, A_log and dt_bias may be stacked like the state, [L,HV].
 
       beta = sigmoid(b) (in b's dtype, as HF), g = -exp(A_log) * softplus(a + dt_bias) (fp32)
       -> gated_delta_rule(l2norm(q), l2norm(k), v, g, beta)
@@ -188,7 +189,7 @@ def gated_delta_rule_from_projections(
     pieces are split here and handed to `gated_delta_rule`. Returns as `gated_delta_rule`."""
     B, T, H, _ = qkv.shape
     K = key_dim
-    HV = A_log.shape[0]
+    HV = A_log.shape[-1]
     R = HV // H
     V = (qkv.shape[3] - 2 * K) // R
     fused = _kernel("pallas_kernels.gated_delta_rule", "fused_gdn_decode")
@@ -200,7 +201,8 @@ def gated_delta_rule_from_projections(
         and _decode_kernel_applies(impl, T, return_all_states)
     ):
         group_axes = ("batch", None, "k_heads", None)
-        in_axes = (group_axes, group_axes, ("v_heads",), ("v_heads",), ("batch",))
+        head_axes = ("v_heads",) if A_log.ndim == 1 else ("layers", "v_heads")
+        in_axes = (group_axes, group_axes, head_axes, head_axes, ("batch",))
         in_axes += (("layers", *STATE_AXES), ())
         out_axes = (V_AXES, ("layers", *STATE_AXES))
 
@@ -222,6 +224,10 @@ def gated_delta_rule_from_projections(
         layer = jnp.asarray(state_layer, jnp.int32)
         args = (qkv, ba, A_log, dt_bias, n_valid, initial_state, layer)
         return sharding.per_shard(run, mesh, in_axes, out_axes)(*args)
+    if A_log.ndim == 2:  # stacked over the state's layers
+        A_log, dt_bias = (
+            jax.lax.dynamic_index_in_dim(a, state_layer, 0, False) for a in (A_log, dt_bias)
+        )
     q, k = qkv[..., :K], qkv[..., K : 2 * K]
     v = qkv[..., 2 * K :].reshape(B, T, HV, V)
     q, k = (sharding.constrain(a, QK_AXES, mesh) for a in (q, k))
@@ -304,12 +310,14 @@ def causal_conv1d_update(
     """Decode update of T <= 8 tokens: x [B,T,C], weight [W,C], state [B,W-1,C] (or with
     state_layer the stack [L,B,W-1,C], updated at the layer) -> (silu(conv(x)) [B,T,C], new
     state or stack). n_valid [B]: real tokens per (right-padded) row; the state advances by
-    those only. On the GPU ("auto") or when asked ("pallas") one kernel that also writes the
-    state (in place in the stack); else the reference and a slice update of the stack."""
+    those only. With state_layer the weight may be stacked over the same layers, [L,W,C].
+    On the GPU ("auto") or when asked ("pallas") one kernel that also writes the state (in
+    place in the stack); else the reference and a slice update of the stack."""
     update = _kernel("pallas_kernels.causal_conv1d", "causal_conv1d_update")
     if update is not None and (impl == "pallas" or (impl == "auto" and on_gpu())):
         stack_axes = CONV_AXES if state_layer is None else ("layers", *CONV_AXES)
-        in_axes = [CONV_AXES, (None, "k_heads"), stack_axes, ("batch",)]
+        w_axes = (None, "k_heads") if weight.ndim == 2 else ("layers", None, "k_heads")
+        in_axes = [CONV_AXES, w_axes, stack_axes, ("batch",)]
         if n_valid is None:
             n_valid = jnp.full((x.shape[0],), x.shape[1], jnp.int32)
         args = [x, weight, state, n_valid]
@@ -334,6 +342,8 @@ def causal_conv1d_update(
     if state_layer is None:
         return causal_conv1d_ref(x, weight, state, activation="silu", n_valid=n_valid)
     own = jax.lax.dynamic_index_in_dim(state, state_layer, keepdims=False)
+    if weight.ndim == 3:
+        weight = jax.lax.dynamic_index_in_dim(weight, state_layer, keepdims=False)
     y, new = causal_conv1d_ref(x, weight, own, activation="silu", n_valid=n_valid)
     return y, jax.lax.dynamic_update_index_in_dim(state, new.astype(state.dtype), state_layer, 0)
 

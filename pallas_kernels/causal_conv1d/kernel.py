@@ -127,15 +127,19 @@ def causal_conv1d(
 
 
 def _update_kernel(x_ref, w_ref, s_ref, layer_ref, n_ref, y_ref, out_ref, *, activation):
-    # x_ref [T, BC]  w_ref [W, BC]  n_ref [B] int32: real tokens per row (left aligned)
+    # x_ref [T, BC]  w_ref [W, BC], or the whole weight stack [L, W, C]
+    # n_ref [B] int32: real tokens per row (left aligned)
     # s_ref, out_ref: the whole state stack [L * B, W-1, C] (one buffer); this program reads
     # and rewrites its [W-1, BC] block at row layer * B + b  ->  y_ref [T, BC]
-    T, W = x_ref.shape[0], w_ref.shape[0]
+    T, W = x_ref.shape[0], w_ref.shape[-2]
     b = pl.program_id(0)
     row = layer_ref[0] * pl.num_programs(0) + b
     bc = x_ref.shape[1]
     cols = pl.ds(pl.program_id(1) * bc, bc)
-    taps = [w_ref[j, :].astype(jnp.float32) for j in range(W)]
+    if len(w_ref.shape) == 3:  # stacked like the state: this layer's taps
+        taps = [w_ref[layer_ref[0], j, cols].astype(jnp.float32) for j in range(W)]
+    else:
+        taps = [w_ref[j, :].astype(jnp.float32) for j in range(W)]
     ext = [s_ref[row, i, cols].astype(jnp.float32) for i in range(W - 1)]
     ext += [x_ref[t, :].astype(jnp.float32) for t in range(T)]  # concat(state, x), fp32 rows
     for t in range(T):
@@ -171,7 +175,9 @@ def causal_conv1d_update(
     its n_valid[b]-th token (0: unchanged). y is computed for every position.
     With state_layer (an int32 scalar, clamped into [0, L)), state is a stack of layers' conv
     states [L, B, W-1, C], read at state_layer and updated there in place: the returned state is
-    the whole stack (inside a scan over layers this keeps the state out of slice copies).
+    the whole stack (inside a scan over layers this keeps the state out of slice copies). The
+    weight may then be stacked over the same layers too, [L, W, C] (read at state_layer in
+    place: a sliced kernel operand is a copy, which also splits XLA's command buffers).
 
     Returns (y [B, T, C] in x's dtype, new state [B, W-1, C] or the stack, in state's dtype)."""
     if state is None:
@@ -181,13 +187,19 @@ def causal_conv1d_update(
         raise ValueError(
             f"with state_layer, state must be the stack [L, B, W-1, C], got {tuple(state.shape)}"
         )
-    validate_conv_inputs(x, weight, stack[0])
+    stacked_weight = weight.ndim == 3
+    if stacked_weight and (state_layer is None or weight.shape[0] != stack.shape[0]):
+        raise ValueError(
+            f"a weight stack {tuple(weight.shape)} needs state_layer and the state stack's "
+            f"layers ({tuple(state.shape)})"
+        )
+    validate_conv_inputs(x, weight[0] if stacked_weight else weight, stack[0])
     _check_activation(activation)
     B, T, C = x.shape
     if not 1 <= T <= 8:
         raise ValueError(f"causal_conv1d_update takes 1..8 tokens, got x {tuple(x.shape)}")
     validate_n_valid(n_valid, B)
-    L, W = stack.shape[0], weight.shape[0]
+    L, W = stack.shape[0], weight.shape[-2]
     BC = min(blocks.block_c, C & -C)
     if BC & (BC - 1):
         raise ValueError(f"block_c={blocks.block_c} must be a power of 2")
@@ -199,7 +211,7 @@ def causal_conv1d_update(
         grid=(B, C // BC),
         in_specs=[
             pl.BlockSpec((None, T, BC), lambda b, c: (b, 0, c)),
-            pl.BlockSpec((W, BC), lambda b, c: (0, c)),
+            whole if stacked_weight else pl.BlockSpec((W, BC), lambda b, c: (0, c)),
             whole,
             whole,
             whole,

@@ -57,7 +57,6 @@ def _decode_kernel(
     # [K, BV] block at row layer * B + b.
     if gates_in_kernel:
         ba_ref, a_log_ref, dt_ref, n_ref, s0_ref, *refs = refs
-        gates = functools.partial(_gates, ba_ref, a_log_ref, dt_ref, n_ref)
     else:
         g_ref, beta_ref, s0_ref, *refs = refs
         gates = lambda t: (g_ref[t], beta_ref[t])  # noqa: E731
@@ -69,6 +68,8 @@ def _decode_kernel(
         row = layer_ref[0] * pl.num_programs(0) + pl.program_id(0)
         h, cols = pl.program_id(1), pl.ds(pl.program_id(2) * block_v, block_v)
         s = s0_ref[row, h, :, cols]
+    if gates_in_kernel:  # (always in place)
+        gates = functools.partial(_gates, ba_ref, a_log_ref, dt_ref, n_ref, layer_ref[0])
     ht_ref = state_refs[0] if has_final else None
     all_ref = state_refs[-1] if len(state_refs) > int(has_final) else None
     for t in range(n_tokens):  # static: T <= 8 in decode
@@ -92,10 +93,11 @@ def _decode_kernel(
             ht_ref[row, h, :, cols] = s
 
 
-def _gates(ba_ref, a_log_ref, dt_ref, n_ref, t):
+def _gates(ba_ref, a_log_ref, dt_ref, n_ref, layer, t):
     """Token t's (g, beta) of this program's value head from the projections:
     beta = sigmoid(b) (rounded to b's dtype, as the model computes it), g = -exp(A_log) *
-    softplus(a + dt_bias) in fp32; both 0 past the row's real tokens (the state passes)."""
+    softplus(a + dt_bias) in fp32; both 0 past the row's real tokens (the state passes).
+    A_log and dt_bias are [HV], or [L, HV] stacked like the state (read at `layer`)."""
     h = pl.program_id(1)
     R = ba_ref.shape[-1] // 2
     row = ba_ref[t, :]  # [2R] = b_0 .. b_{R-1} | a_0 .. a_{R-1} of the key-head group
@@ -103,7 +105,8 @@ def _gates(ba_ref, a_log_ref, dt_ref, n_ref, t):
     b = jnp.sum(jnp.where(col == h % R, row, 0).astype(jnp.float32))
     a = jnp.sum(jnp.where(col == R + h % R, row, 0).astype(jnp.float32))
     beta = jax.nn.sigmoid(b).astype(ba_ref.dtype).astype(jnp.float32)
-    a_log, dt_bias = a_log_ref[h].astype(jnp.float32), dt_ref[h].astype(jnp.float32)
+    at = (layer, h) if len(a_log_ref.shape) == 2 else (h,)
+    a_log, dt_bias = a_log_ref[at].astype(jnp.float32), dt_ref[at].astype(jnp.float32)
     g = -jnp.exp(a_log) * _softplus(a + dt_bias)
     real = t < n_ref[pl.program_id(0)]
     return jnp.where(real, g, 0.0), jnp.where(real, beta, 0.0)
@@ -204,7 +207,8 @@ def fused_gdn_decode(
       qkv: [B, T, H, 2K + R*V], per key head h: q_h | k_h | v of its R value heads h*R ..
         h*R + R - 1 (the checkpoint's grouping; the conv output of the layer).
       ba: [B, T, H, 2R], per key head: b of its R value heads | a of them.
-      A_log, dt_bias: [HV]. beta = sigmoid(b) in ba's dtype; g = -exp(A_log) *
+      A_log, dt_bias: [HV], or [L, HV] stacked like the state (read at state_layer in place:
+        a slice would be a copy). beta = sigmoid(b) in ba's dtype; g = -exp(A_log) *
         softplus(a + dt_bias) in fp32.
       state_stack: [L, B, HV, K, V] fp32; state_layer: int32 scalar (clamped into [0, L)).
       key_dim: K. n_valid: [B] int32, real tokens per right-padded row (None: all T); past
@@ -225,9 +229,10 @@ def fused_gdn_decode(
             f"qkv {tuple(qkv.shape)} must be [B={B}, T, H, 2K + R*V] with K={key_dim} and "
             f"H dividing the stack's HV={HV} (stack {tuple(stack.shape)})"
         )
-    if ba.shape[3] != 2 * R or A_log.shape != (HV,) or dt_bias.shape != (HV,):
+    heads = (HV,) if A_log.ndim < 2 else (L, HV)
+    if ba.shape[3] != 2 * R or A_log.shape != heads or dt_bias.shape != heads:
         raise ValueError(
-            f"ba must be [B, T, H, 2R={2 * R}] and A_log, dt_bias [HV={HV}], got ba "
+            f"ba must be [B, T, H, 2R={2 * R}] and A_log, dt_bias [HV={HV}] or [L={L}, HV], got ba "
             f"{tuple(ba.shape)}, A_log {tuple(A_log.shape)}, dt_bias {tuple(dt_bias.shape)}"
         )
     if n_valid is not None and n_valid.shape != (B,):

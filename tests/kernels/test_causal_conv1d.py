@@ -93,6 +93,21 @@ def test_update_in_place_with_padded_rows(T):
     assert rel_err(new[2], st_ref) == 0.0
     assert rel_err(new[2, 1], s0[1]) == 0.0  # no real token: unchanged
     assert rel_err(new[:2], stack[:2]) == 0.0
+    # the weight stacked over the same layers: this layer's taps read in place
+    w_stack = jnp.stack([w * 0.5, -w, w])
+    y2, new2 = run(
+        causal_conv1d_update,
+        x,
+        w_stack,
+        stack,
+        state_layer=2,
+        n_valid=n_valid,
+        interpret=INTERPRET,
+        blocks=BLOCKS,
+    )
+    assert rel_err(y2, y) == 0.0 and rel_err(new2, new) == 0.0
+    with pytest.raises(ValueError, match="weight stack"):
+        causal_conv1d_update(x, w_stack[:2], stack, state_layer=2, interpret=INTERPRET)
 
 
 def test_conv_contract_violations_raise():

@@ -222,6 +222,21 @@ def test_decode_from_projections(T, R, dtype):
     assert jnp.array_equal(new[0], stack[0])
     assert rel_err(new[1], st_ref) < TOL[dtype] and rel_err(o, o_ref) < TOL[dtype]
     assert rel_err(new[1, 1], s0[1]) == 0.0  # a row with no real token: state unchanged
+    # A_log and dt_bias stacked like the state: the layer's read in place
+    o2, new2 = run(
+        fused_gdn_decode,
+        qkv,
+        ba,
+        jnp.stack([A_log * 0, A_log]),
+        jnp.stack([dt_bias + 1, dt_bias]),
+        stack,
+        jnp.int32(1),
+        key_dim=K,
+        n_valid=n_valid,
+        interpret=INTERPRET,
+        blocks=DecodeBlocks(block_v=16),
+    )
+    assert rel_err(o2, o) == 0.0 and rel_err(new2, new) == 0.0
     with pytest.raises(ValueError, match="2K"):
         fused_gdn_decode(qkv[..., 1:], ba, A_log, dt_bias, stack, 0, key_dim=K, interpret=INTERPRET)
     with pytest.raises(ValueError, match="2R"):
