@@ -86,9 +86,9 @@ class GatedDeltaNet(nnx.Module):
         # be a copy); other paths take this layer's slice
         conv_w, A_log, dt_bias = self.conv_w[...], self.A_log[...], self.dt_bias[...]
         whole = conv_w.ndim == 3
-        own = lambda p: jax.lax.dynamic_index_in_dim(p, layer, keepdims=False)  # noqa: E731
+        at_layer = lambda p: jax.lax.dynamic_index_in_dim(p, layer, keepdims=False)  # noqa: E731
         if whole and state_layer is None:
-            A_log, dt_bias = own(A_log), own(dt_bias)
+            A_log, dt_bias = at_layer(A_log), at_layer(dt_bias)
         mixed = jnp.where(valid[..., None], mixed, 0)
         n_valid = jnp.sum(valid, axis=1, dtype=jnp.int32)  # real tokens are left-aligned
         if conv_in_place:
@@ -102,7 +102,7 @@ class GatedDeltaNet(nnx.Module):
                 mesh=self.mesh,
             )
         else:
-            conv_w = own(conv_w) if whole else conv_w
+            conv_w = at_layer(conv_w) if whole else conv_w
             conv_out, _ = ops.causal_conv1d(
                 mixed, conv_w, conv_in, impl=self.gdn_impl, mesh=self.mesh
             )
