@@ -14,7 +14,11 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.causal_conv1d import causal_conv1d_ref
-from pallas_kernels.gated_delta_rule import chunk_gated_delta_rule_ref, recurrent_gated_delta_rule
+from pallas_kernels.gated_delta_rule import (
+    chunk_gated_delta_rule_ref,
+    gdn_gates,
+    recurrent_gated_delta_rule,
+)
 from pallas_kernels.moe import route_topk_ref
 from qnext_jax import sharding
 
@@ -198,7 +202,7 @@ def gated_delta_rule_from_projections(
         and state_layer is not None
         and initial_state.dtype == jnp.float32
         and not return_all_states
-        and _decode_kernel_applies(impl, T, return_all_states)
+        and _decode_kernel_applies(impl, T, False)
     ):
         group_axes = ("batch", None, "k_heads", None)
         head_axes = ("v_heads",) if A_log.ndim == 1 else ("layers", "v_heads")
@@ -233,17 +237,14 @@ def gated_delta_rule_from_projections(
     q, k = (sharding.constrain(a, QK_AXES, mesh) for a in (q, k))
     v = sharding.constrain(v, V_AXES, mesh)
     b, a = ba[..., :R].reshape(B, T, HV), ba[..., R:].reshape(B, T, HV)
-    beta = jax.nn.sigmoid(b).astype(jnp.float32)  # sigmoid in the activation dtype, as HF
-    g = -jnp.exp(A_log.astype(jnp.float32)) * jax.nn.softplus(
-        a.astype(jnp.float32) + dt_bias.astype(jnp.float32)
-    )
+    g, beta = gdn_gates(a, b, A_log, dt_bias)
     real = (jnp.arange(T)[None, :] < n_valid[:, None])[..., None]
     return gated_delta_rule(
         q,
         k,
         v,
         jnp.where(real, g, 0.0),
-        jnp.where(real, beta, 0.0),
+        jnp.where(real, beta.astype(jnp.float32), 0.0),
         initial_state=initial_state,
         state_layer=state_layer,
         impl=impl,

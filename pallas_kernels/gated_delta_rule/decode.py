@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels._triton import compiler_params
+from pallas_kernels.gated_delta_rule.gates import softplus
 from pallas_kernels.gated_delta_rule.reference import validate_inputs
 
 _L2_EPS = 1e-6
@@ -30,10 +31,6 @@ class DecodeBlocks:
 
     block_v: int | None = None
     num_warps: int = 4
-
-
-def _softplus(x):
-    return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
 
 
 def _decode_kernel(
@@ -107,7 +104,7 @@ def _gates(ba_ref, a_log_ref, dt_ref, n_ref, layer, t):
     beta = jax.nn.sigmoid(b).astype(ba_ref.dtype).astype(jnp.float32)
     at = (layer, h) if len(a_log_ref.shape) == 2 else (h,)
     a_log, dt_bias = a_log_ref[at].astype(jnp.float32), dt_ref[at].astype(jnp.float32)
-    g = -jnp.exp(a_log) * _softplus(a + dt_bias)
+    g = -jnp.exp(a_log) * softplus(a + dt_bias)
     real = t < n_ref[pl.program_id(0)]
     return jnp.where(real, g, 0.0), jnp.where(real, beta, 0.0)
 

@@ -1,6 +1,7 @@
 """Gated DeltaNet gates (spec 3.3), as plain jnp so XLA fuses them into the ops that feed the
 kernels (the chunk wrapper's transpose and chunk-local cumsum of g): no extra pass over memory
-when called inside the same jit. Not fused inside the Pallas kernels themselves.
+when called inside the same jit. The decode kernel from the projections (`fused_gdn_decode`)
+computes the same gates inside, with this softplus.
 """
 
 from __future__ import annotations
