@@ -25,7 +25,7 @@ from qnext_jax.config import FULL, LINEAR, Qwen3NextConfig, RuntimeOptions
 from qnext_jax.deltanet import GatedDeltaNet
 from qnext_jax.layers import Linear, RMSNorm, SwiGLU, rope_cos_sin, rope_frequencies
 from qnext_jax.moe import SparseMoE
-from qnext_jax.sharding import constrain
+from qnext_jax.sharding import constrain, embedding_lookup
 
 RESIDUAL = ("batch", None, "embed")  # the residual stream [B, T, D]: replicated over the mesh
 
@@ -237,7 +237,8 @@ class Qwen3NextForCausalLM(nnx.Module):
 
     # ---- building blocks -----------------------------------------------------------------
     def embed(self, input_ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+        table = self.embed_tokens[...]
+        return embedding_lookup(table, input_ids, self.opts.mesh).astype(self.dtype)
 
     def rope(self, positions: jax.Array):
         cfg = self.config

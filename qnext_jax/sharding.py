@@ -244,6 +244,41 @@ def per_shard(fn, mesh: Mesh | None, in_axes, out_axes):
     )
 
 
+def embedding_lookup(table: jax.Array, ids: jax.Array, mesh: Mesh | None) -> jax.Array:
+    """table [V, D] (rows split on "vocab"), ids [...] -> [..., D], replicated.
+
+    GSPMD partitions a gather from a row-split table by all-gathering the table first: for the
+    80B model on 2 devices, 311 MB over the link and ~1.2 ms in every decode step. Here each
+    device looks the ids up in its own rows, zeros the rows another device holds, and one psum
+    of [..., D] joins them (exact: every output row has one nonzero term). Negative ids count
+    from the end, as in jnp.take. Without a mesh, or with the table replicated (V not
+    divisible), jnp.take itself."""
+    spec = (
+        None
+        if mesh is None or mesh.size == 1
+        else logical_spec(("vocab", "embed"), table.shape, mesh)
+    )
+    if spec is None or spec[0] is None:
+        return jnp.take(table, ids, axis=0)
+    axis = spec[0]
+
+    def body(rows, ids):
+        n = rows.shape[0]
+        local = ids - jax.lax.axis_index(axis) * n
+        here = (local >= 0) & (local < n)
+        out = jnp.take(rows, jnp.where(here, local, 0), axis=0)
+        return jax.lax.psum(jnp.where(here[..., None], out, jnp.zeros((), out.dtype)), axis)
+
+    fn = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(PartitionSpec(axis, None), PartitionSpec()),
+        out_specs=PartitionSpec(),
+        check_vma=False,
+    )
+    return fn(table, jnp.where(ids < 0, ids + table.shape[0], ids))
+
+
 def axis_size(mesh: Mesh | None, name: str) -> int:
     """How many devices the logical axis `name` would split over (1 without a mesh)."""
     if mesh is None or RULES[name] is None:

@@ -155,6 +155,21 @@ def test_parameter_shardings_follow_the_table():
     assert dict(nnx.to_flat_state(tp2))[k_proj].spec == P(None, None, T)
 
 
+def test_embedding_lookup_reads_only_local_rows():
+    """The token lookup from the vocab-split table equals jnp.take (negative ids from the end)
+    on a (2, 4) mesh, and compiles to one all-reduce of the looked-up rows: no all-gather of
+    the table (what GSPMD's own partitioning of the gather does)."""
+    mesh = sharding.make_mesh(CFG, 8, 2)
+    table = jax.random.normal(jax.random.key(9), (CFG.vocab_size, CFG.hidden_size))
+    placed = jax.device_put(table, NamedSharding(mesh, P(T, None)))
+    ids = jnp.array([[0, 5, CFG.vocab_size - 1, -1], [17, 200, 3, CFG.vocab_size // 2]])
+    fn = jax.jit(lambda t, i: sharding.embedding_lookup(t, i, mesh))
+    np.testing.assert_array_equal(fn(placed, ids), jnp.take(table, ids, axis=0))
+    hlo = fn.lower(placed, ids).compile().as_text()
+    assert "all-gather" not in hlo
+    assert hlo.count(" all-reduce(") + hlo.count(" all-reduce-start(") == 1
+
+
 def test_cache_split_with_heads():
     model = nnx.eval_shape(lambda: build())
     for tp, kv in ((2, T), (8, None)):
