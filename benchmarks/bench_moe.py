@@ -13,7 +13,9 @@ XLA bf16 matmul ceiling, 770 TFLOP/s (shared/spec/anchors.md). Times: the median
 calls of one jitted program that runs the layer `inner` times back to back (so host dispatch
 is amortised), per call. --sweep times a few prefill block shapes at N = 8K; --rows-sweep the
 decode result paths (MoEBlocks.y_by_pair; at N = 1 also one_token_tiles) at N = 1 / 8 / 16 /
-64.
+64; --decode-sweep the decode kernels' block shapes and split_d at N = 1 and 8, with all 512
+experts on this device and with half of them (the other half's ids held elsewhere, as under
+2-way expert parallelism: ~5 of one token's 10 experts are local).
 """
 
 from __future__ import annotations
@@ -78,6 +80,11 @@ def main():
         action="store_true",
         help="decode: results stored by pair or gathered back",
     )
+    ap.add_argument(
+        "--decode-sweep",
+        action="store_true",
+        help="decode: block shapes and split_d at N = 1 / 8, E = 512 and 256 of 512 local",
+    )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args()
@@ -134,6 +141,39 @@ def main():
                 ms = time_per_call(fn, a, inner, reps, unroll=True) * 1e3
                 line.append(f"{name}: {ms:.4f}")
             print(f"  N={N}: " + " | ".join(line), flush=True)
+
+    if args.decode_sweep:
+        grid = [
+            {},
+            dict(split_d=2),
+            dict(split_d=4),
+            dict(split_d=8),
+            dict(block_f=32),
+            dict(block_f=32, split_d=2),
+            dict(block_dout=64),
+            dict(block_dout=32),
+            dict(split_d=4, block_dout=64),
+            dict(split_d=4, block_dout=64, num_stages=3),
+            dict(split_d=2, block_dout=64, num_warps=8),
+            dict(block_d=256, split_d=4, block_dout=64, block_fin=256),
+        ]
+        if dry:
+            grid = [{}, dict(split_d=2)]
+        cases = [(1, E), (1, E // 2), (8, E // 2)] if not dry else [(1, E), (1, E // 2)]
+        print("\ndecode block sweep, us per call (unrolled loop of 10):")
+        print("| blocks | " + " | ".join(f"N={n}, {e}/{E} local" for n, e in cases) + " |")
+        print("|---|" + "---|" * len(cases))
+        for g in grid:
+            b = dataclasses.replace(dec_blocks, **g)
+            fn = functools.partial(moe_experts_decode, blocks=b, **interp)
+            line = []
+            for N, E_here in cases:
+                a = inputs(N, E, E_here, D, F, k)
+                try:
+                    line.append(f"{time_per_call(fn, a, inner, reps, unroll=True) * 1e6:.1f}")
+                except Exception as e:  # a shape the compiler rejects (shared memory, ...)
+                    line.append(f"failed ({type(e).__name__})")
+            print(f"| {g or 'defaults'} | " + " | ".join(line) + " |", flush=True)
 
     if args.sweep:
         N = 64 if dry else 8192

@@ -61,6 +61,10 @@ class MoEBlocks:
     num_warps: int = 4
     num_stages: int = 4
     block_m: int = 64  # rows per tile (prefill only; decode tiles hold R rows)
+    # gate_up's reduction over D split across this many programs per (tile, block_f): more
+    # programs in flight when few experts are touched; the fp32 parts are added and SwiGLU
+    # applied by XLA between the two kernels.
+    split_d: int = 1
     # Decode batches of y_by_pair[0] .. y_by_pair[1] tokens skip the gather of the results
     # back to pair order: down stores each result at its pair's row. H200, E=512, one call
     # (benchmarks/bench_moe.py --rows-sweep): 8 tokens 178 -> 163 us; 1 token 40.5 -> 47 us,
@@ -84,25 +88,30 @@ def _tile(tile_refs, s):
     return tile_refs[0][s], tile_refs[1][s], start
 
 
-def _gate_up_kernel(*refs, rows, block_f, block_d, n_tile_refs):
+def _gate_up_kernel(*refs, rows, block_f, block_d, n_tile_refs, split):
     # tile refs [U] int32, expert, count and start: slot s runs expert e on the grouped rows
     #   [start, start + cnt) (cnt = 0: an empty slot); without start, slot s is row s
     # x_ref [M + R, D] grouped rows (R spare rows at the end)
     # w_ref [E, D, 2F] gate | up
-    # out: h_ref [M + R, F] silu(gate) * up in x's dtype; rows of other slots left untouched
+    # out: h_ref [M + R, F] silu(gate) * up in x's dtype; rows of other slots left untouched.
+    # With split > 1, program (s, f, j) sums the j-th of `split` parts of D and stores the
+    # fp32 partial sums of gate and up in h_ref [split, M + R, 2F] (the caller adds the parts
+    # and applies SwiGLU).
     tile_refs, (x_ref, w_ref, h_ref) = refs[:n_tile_refs], refs[n_tile_refs:]
-    s, f = pl.program_id(0), pl.program_id(1)
+    s, f, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     e, cnt, start = _tile(tile_refs, s)
-    F = h_ref.shape[1]
+    F = w_ref.shape[2] // 2
 
     @pl.when(cnt > 0)
     def _run():
         mine = (jnp.arange(rows) < cnt)[:, None]  # [R, 1]: rows past cnt are the next expert's
         gate = pl.ds(f * block_f, block_f)
         up = pl.ds(F + f * block_f, block_f)
+        n_chunks = x_ref.shape[1] // block_d // split
+        first = j * n_chunks if split > 1 else 0
 
         def body(i, acc):
-            d = pl.ds(pl.multiple_of(i * block_d, block_d), block_d)
+            d = pl.ds(pl.multiple_of((first + i) * block_d, block_d), block_d)
             xs = plt.load(x_ref.at[pl.ds(start, rows), d], mask=mine, other=0)  # [R, BD]
             wg = w_ref[e, d, gate].astype(xs.dtype)  # [BD, BF]
             wu = w_ref[e, d, up].astype(xs.dtype)
@@ -112,10 +121,14 @@ def _gate_up_kernel(*refs, rows, block_f, block_d, n_tile_refs):
             return acc_g, acc_u
 
         zeros = jnp.zeros((rows, block_f), jnp.float32)
-        n_chunks = x_ref.shape[1] // block_d
         acc_g, acc_u = jax.lax.fori_loop(0, n_chunks, body, (zeros, zeros))
-        act = (jax.nn.silu(acc_g) * acc_u).astype(h_ref.dtype)  # [R, BF], rounded as the ref
-        plt.store(h_ref.at[pl.ds(start, rows), gate], act, mask=mine)
+        if split > 1:
+            rows_j = pl.ds(start, rows)
+            plt.store(h_ref.at[j, rows_j, gate], acc_g, mask=mine)
+            plt.store(h_ref.at[j, rows_j, up], acc_u, mask=mine)
+        else:
+            act = (jax.nn.silu(acc_g) * acc_u).astype(h_ref.dtype)  # [R, BF], rounded as the ref
+            plt.store(h_ref.at[pl.ds(start, rows), gate], act, mask=mine)
 
 
 def _down_kernel(*refs, rows, block_dout, block_fin, scatter, n_tile_refs):
@@ -274,18 +287,34 @@ def _grouped_experts(
     y_rows = (jnp.concatenate([order, jnp.arange(M, P, dtype=jnp.int32)]),) if y_by_pair else ()
 
     whole = pl.BlockSpec()  # the whole array: the kernels index their expert and rows by hand
+    S = blocks.split_d
+    if S < 1 or (D // BD) % S:
+        raise ValueError(
+            f"split_d={S} must be >= 1 and divide the D chunks of the gate_up reduction "
+            f"(D={D} / block_d={BD} = {D // BD})"
+        )
     h_grouped = pl.pallas_call(
         functools.partial(
-            _gate_up_kernel, rows=rows, block_f=BF, block_d=BD, n_tile_refs=len(tiles)
+            _gate_up_kernel,
+            rows=rows,
+            block_f=BF,
+            block_d=BD,
+            n_tile_refs=len(tiles),
+            split=S,
         ),
-        grid=(U, F // BF),
+        grid=(U, F // BF, S),
         in_specs=[whole] * (len(tiles) + 2),
         out_specs=whole,
-        out_shape=jax.ShapeDtypeStruct((P, F), x.dtype),
+        out_shape=jax.ShapeDtypeStruct((P, F), x.dtype)
+        if S == 1
+        else jax.ShapeDtypeStruct((S, P, 2 * F), jnp.float32),
         compiler_params=compiler_params(blocks.num_warps, blocks.num_stages),
         interpret=interpret,
         name="moe_gate_up",
     )(*tiles, x_grouped, w_gate_up)
+    if S > 1:  # the parts' sums, then SwiGLU rounded to x's dtype as in the kernel
+        gu = jnp.sum(h_grouped, axis=0)
+        h_grouped = (jax.nn.silu(gu[:, :F]) * gu[:, F:]).astype(x.dtype)
     y_out = pl.pallas_call(
         functools.partial(
             _down_kernel,
