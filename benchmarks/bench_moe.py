@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from common import HBM_BPS, MATMUL_FLOPS, time_chained  # noqa: E402
+from common import HBM_BPS, MATMUL_FLOPS, median_time, time_chained  # noqa: E402
 
 from pallas_kernels.moe import (  # noqa: E402
     PREFILL_BLOCKS,
@@ -60,6 +60,35 @@ def time_per_call(fn, args, inner: int, reps: int, unroll: bool = False) -> floa
     """Seconds per call of fn(*args), chained through x (common.time_chained)."""
     feed = lambda x, h: x + (jnp.sum(h, axis=1) * 1e-30).astype(x.dtype)
     return time_chained(fn, args, feed, inner, reps, unroll)
+
+
+def layer_stack(L, E_all, E_here, D, F, k, seed=0):
+    """L layers' routing ids (top-k of random logits over E_all, ids >= E_here another
+    device's) for 64 tokens, [L, 64, k], and weight stacks [L, E_here, D, 2F], [L, E_here, F, D]
+    bf16, made one layer at a time in bf16."""
+    keys = jax.random.split(jax.random.key(seed), 3 * L).reshape(L, 3)
+    _, ids = jax.lax.top_k(jax.random.normal(keys[0, 0], (L, 64, E_all)), k)
+    ids = jnp.where(ids < E_here, ids, E_here).astype(jnp.int32)
+    w_gu = jnp.stack([jax.random.normal(kk[1], (E_here, D, 2 * F), jnp.bfloat16) for kk in keys])
+    w_d = jnp.stack([jax.random.normal(kk[2], (E_here, F, D), jnp.bfloat16) for kk in keys])
+    return ids, w_gu * D**-0.5, w_d * F**-0.5
+
+
+def time_layers(fn, N, ids, w_gu, w_d, reps: int) -> float:
+    """Seconds per layer of fn(x, ids[l, :N], w_gu, w_d, l) over the L layers of the stacks,
+    as in the model's layer scan: each call reads other experts than the last (a loop over
+    one layer's experts would find them in L2, 50 MB on the H200, at small N)."""
+    L = w_gu.shape[0]
+
+    @jax.jit
+    def loop(x, ids, w_gu, w_d):
+        for layer in range(L):
+            h = fn(x, ids[layer, :N], w_gu, w_d, jnp.int32(layer))
+            x = x + (jnp.sum(h, axis=1) * 1e-30).astype(x.dtype)
+        return x
+
+    x = jax.random.normal(jax.random.key(1), (N, w_gu.shape[2]), jnp.bfloat16)
+    return median_time(lambda: jax.block_until_ready(loop(x, ids, w_gu, w_d)), reps) / L
 
 
 def grouped_xla(x, experts, w_gu, w_d):
@@ -147,20 +176,28 @@ def main():
             {},
             dict(split_d=2),
             dict(split_d=4),
-            dict(split_d=8),
             dict(block_f=32),
             dict(block_f=32, split_d=2),
+            dict(block_f=128),
+            dict(block_f=128, num_warps=8),
+            dict(block_f=128, split_d=2),
+            dict(block_f=128, split_d=4, num_warps=8),
+            dict(block_f=256, block_d=64, split_d=4, num_warps=8),
+            dict(block_f=512, block_d=32, split_d=8, num_warps=8),
+            dict(block_f=512, block_d=16, split_d=16, num_warps=8, num_stages=3),
             dict(block_dout=64),
             dict(block_dout=32),
-            dict(split_d=4, block_dout=64),
-            dict(split_d=4, block_dout=64, num_stages=3),
-            dict(split_d=2, block_dout=64, num_warps=8),
-            dict(block_d=256, split_d=4, block_dout=64, block_fin=256),
+            dict(block_dout=256, num_warps=8),
+            dict(block_fin=256, block_dout=64),
+            dict(num_stages=3),
+            dict(num_stages=5),
         ]
+        L = 2 if dry else 8
         if dry:
             grid = [{}, dict(split_d=2)]
         cases = [(1, E), (1, E // 2), (8, E // 2)] if not dry else [(1, E), (1, E // 2)]
-        print("\ndecode block sweep, us per call (unrolled loop of 10):")
+        stacks = {e: layer_stack(L, E, e, D, F, k) for e in {e for _, e in cases}}
+        print(f"\ndecode block sweep, us per layer ({L} layers' experts, each its own ids):")
         print("| blocks | " + " | ".join(f"N={n}, {e}/{E} local" for n, e in cases) + " |")
         print("|---|" + "---|" * len(cases))
         for g in grid:
@@ -168,9 +205,9 @@ def main():
             fn = functools.partial(moe_experts_decode, blocks=b, **interp)
             line = []
             for N, E_here in cases:
-                a = inputs(N, E, E_here, D, F, k)
                 try:
-                    line.append(f"{time_per_call(fn, a, inner, reps, unroll=True) * 1e6:.1f}")
+                    t = time_layers(fn, N, *stacks[E_here], reps)
+                    line.append(f"{t * 1e6:.1f}")
                 except Exception as e:  # a shape the compiler rejects (shared memory, ...)
                     line.append(f"failed ({type(e).__name__})")
             print(f"| {g or 'defaults'} | " + " | ".join(line) + " |", flush=True)
