@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import os
 import sys
+import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -74,21 +75,28 @@ def layer_stack(L, E_all, E_here, D, F, k, seed=0):
     return ids, w_gu * D**-0.5, w_d * F**-0.5
 
 
-def time_layers(fn, N, ids, w_gu, w_d, reps: int) -> float:
-    """Seconds per layer of fn(x, ids[l, :N], w_gu, w_d, l) over the L layers of the stacks,
-    as in the model's layer scan: each call reads other experts than the last (a loop over
-    one layer's experts would find them in L2, 50 MB on the H200, at small N)."""
+def time_layers(fn, N, ids, w_gu, w_d, reps: int, passes: int = 4) -> float:
+    """Seconds per layer of fn(x, ids[l, :N], w_gu, w_d, l) over `passes` passes through the L
+    layers of the stacks, as in the model's layer scan: each call reads other experts than the
+    last (a loop over one layer's experts would find them in L2, 50 MB on the H200, at small
+    N). After ~0.3 s of warm-up calls: short bursts after an idle GPU (a compile) ran up to 2x
+    slower, all the more for the faster configurations."""
     L = w_gu.shape[0]
 
     @jax.jit
     def loop(x, ids, w_gu, w_d):
-        for layer in range(L):
+        for layer in list(range(L)) * passes:
             h = fn(x, ids[layer, :N], w_gu, w_d, jnp.int32(layer))
             x = x + (jnp.sum(h, axis=1) * 1e-30).astype(x.dtype)
         return x
 
     x = jax.random.normal(jax.random.key(1), (N, w_gu.shape[2]), jnp.bfloat16)
-    return median_time(lambda: jax.block_until_ready(loop(x, ids, w_gu, w_d)), reps) / L
+    run = lambda: jax.block_until_ready(loop(x, ids, w_gu, w_d))
+    run()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 0.3:
+        run()
+    return median_time(run, max(reps, 15), warmup=0) / (L * passes)
 
 
 def grouped_xla(x, experts, w_gu, w_d):
