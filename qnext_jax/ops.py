@@ -639,11 +639,10 @@ def moe_experts(
         raise ValueError(f"moe_impl={impl!r}; allowed: 'auto', " + ", ".join(map(repr, MOE_IMPLS)))
     if impl == "pallas" and not have_kernels:
         raise ValueError("moe_impl='pallas' needs the pallas_kernels package, not importable here")
-    ep = sharding.expert_parallel_size(mesh)
-    routed = functools.partial(_routed_experts, impl=impl, split_one_token=ep > 1)
+    routed = functools.partial(_routed_experts, impl=impl)
     if shared is not None and not sharding.shared_expert_joins_psum(mesh, shared[0].shape[-1]):
         raise ValueError("shared= is only for meshes where sharding.shared_expert_joins_psum")
-    if ep > 1:
+    if sharding.expert_parallel_size(mesh) > 1:
 
         def project(x, w, layer):  # inside expert_parallel's shard_map: this device's slice
             return linear(x, w, layer if w.ndim == 3 else None, impl=shared_impl)
@@ -665,33 +664,15 @@ def moe_experts(
     return out.astype(x.dtype)
 
 
-# One token on an expert-parallel mesh touches ~k / EP local experts (5 of 10 at EP = 2):
-# gate_up's programs (one per expert and 64 columns of F) are too few to keep HBM busy, so its
-# reduction over D is split 4 ways. H200, one layer's experts at N = 1 (bench_moe.py
-# --decode-sweep): 256 of 512 experts local 30.2 -> 25.2 us; all 512 local 30.2 -> 43.7 us,
-# hence only under expert parallelism.
-ONE_TOKEN_SPLIT_D = 4
-
-
-def _routed_experts(
-    x, weights, experts, w_gate_up, w_down, layer=None, *, impl, split_one_token=False
-):
-    """fp32 [N,D]; ids outside [0, E) (experts held by another device) contribute nothing.
-    split_one_token: a single token's gate_up reduction split across programs (few local
-    experts under expert parallelism: ONE_TOKEN_SPLIT_D)."""
+def _routed_experts(x, weights, experts, w_gate_up, w_down, layer=None, *, impl):
+    """fp32 [N,D]; ids outside [0, E) (experts held by another device) contribute nothing."""
     E = w_gate_up.shape[-3]
     here = (experts >= 0) & (experts < E)  # [N,k]
     if impl == "pallas":  # reads a stacked [L, E, ...] in place; foreign ids give zero rows
-        N = x.shape[0]
-        kw = dict(interpret=not on_gpu())
-        if N <= _kernel("pallas_kernels.moe", "MAX_TOKENS"):
-            kernel = _kernel("pallas_kernels.moe", "moe_experts_decode")
-            if N == 1 and split_one_token:
-                blocks = _kernel("pallas_kernels.moe", "MoEBlocks")(split_d=ONE_TOKEN_SPLIT_D)
-                kw["blocks"] = blocks
-        else:
-            kernel = _kernel("pallas_kernels.moe", "moe_experts_prefill")
-        h = kernel(x, experts, w_gate_up, w_down, layer, **kw)
+        decode = x.shape[0] <= _kernel("pallas_kernels.moe", "MAX_TOKENS")
+        name = "moe_experts_decode" if decode else "moe_experts_prefill"
+        kernel = _kernel("pallas_kernels.moe", name)
+        h = kernel(x, experts, w_gate_up, w_down, layer, interpret=not on_gpu())
     else:
         if layer is not None:
             w_gate_up = jax.lax.dynamic_index_in_dim(w_gate_up, layer, 0, keepdims=False)

@@ -52,10 +52,12 @@ class MoEBlocks:
     of the down reduction. Defaults from an H200 sweep (E=512, D=2048, F=512, k=10, bf16):
     block_f=64 reads 128-byte pieces of each [2F] weight row (32: 64 B, about 10% slower at
     N=1); 4 stages keep loads in flight (the rows of a 64-token batch still fit in shared
-    memory). Splitting gate_up's D across programs (split_d) pays only when few experts are
-    local: one token with 5 of its 10 experts on this device 30.2 -> 25.2 us per layer at
-    split_d=4, all 10 local 30.2 -> 43.7, 8 tokens unchanged (bench_moe.py --decode-sweep);
-    the default is no split and qnext_jax.ops asks for one under expert parallelism."""
+    memory). Splitting gate_up's D across programs (split_d) paid only with few local
+    experts in the kernel's own loop: one token with 5 of its 10 experts on this device
+    30.2 -> 25.2 us per layer at split_d=4, all 10 local 30.2 -> 43.7, 8 tokens unchanged
+    (bench_moe.py --decode-sweep). In the 80B model on 2 GPUs at batch 1 the expert kernels
+    gained ~1 us per layer and the step did not (5.55 -> 5.70 ms, the parts' sum one more
+    kernel per layer), so the default is no split."""
 
     block_f: int = 64
     block_d: int = 128

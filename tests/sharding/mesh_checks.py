@@ -82,25 +82,6 @@ def test_expert_parallel_moe_equals_unsharded(impl, N):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(want))))
 
 
-def test_one_token_expert_parallel_split_reduction():
-    """One token under expert parallelism takes the decode kernel with gate_up's reduction
-    split across programs (ops.ONE_TOKEN_SPLIT_D; D = 512: 4 chunks of 128); equal to the
-    unsharded experts."""
-    from qnext_jax import ops
-    from qnext_jax.ops import route
-
-    ks = jax.random.split(jax.random.key(5), 4)
-    x = jax.random.normal(ks[0], (1, 512))
-    weights, experts = route(jax.random.normal(ks[1], (1, 16)), 4, True)
-    gu, down = jax.random.normal(ks[2], (16, 512, 32)), jax.random.normal(ks[3], (16, 16, 512))
-    want = ops.moe_experts(x, weights, experts, gu, down, impl="gather")
-    for ep in (8, 2):
-        mesh = sharding.make_mesh(CFG, 8, ep)
-        fn = jax.jit(functools.partial(ops.moe_experts, impl="pallas", mesh=mesh))
-        got = fn(x, weights, experts, gu, down)
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(want))))
-
-
 def test_kernels_run_per_device_on_their_heads():
     """The Pallas GDN, MoE and projection kernels (interpret mode on CPU) inside shard_map,
     split by heads, experts and columns / rows, give the reference logits; the conv kernel per
