@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import time
 
@@ -136,7 +137,7 @@ class Engine:
         self._release = jax.jit(self._release_impl, donate_argnums=(0,), out_shardings=slots_out)
         self._decode = jax.jit(
             self._decode_impl,
-            static_argnums=(4,),
+            static_argnums=(4, 5),
             donate_argnums=(1, 2),
             out_shardings=None if out is None else (cache_out, slots_out, out),
         )
@@ -214,8 +215,9 @@ class Engine:
         if block is None and any(r.first_token_time is None for r in self.running.values()):
             block = 1
         n = block or self.cfg.decode_block
+        greedy = all(r.params.greedy for r in self.running.values())
         self.cache, self.slots, out = self._decode(
-            self.params, self.cache, self.slots, n, self.cfg.decode_block
+            self.params, self.cache, self.slots, n, self.cfg.decode_block, greedy
         )
         out = np.asarray(out)  # [B, block * (k+1)]; -1 where a row produced nothing
         if self.k:
@@ -393,14 +395,16 @@ class Engine:
     def _release_impl(state: Slots, mask):
         return state.replace(active=state.active & ~mask)
 
-    def _decode_impl(self, params, cache, state: Slots, n_steps, block: int):
+    def _decode_impl(self, params, cache, state: Slots, n_steps, block: int, greedy: bool):
         """Up to `n_steps` (<= block) decode steps on the device (each a plain step, or an MTP
         draft-verify step emitting up to k+1 tokens); stops early once no row is active.
-        Returns (cache, state, tokens [B, block * (k+1)], -1 where nothing was produced)."""
+        greedy (static): every running request is greedy (one program with the sampling left
+        out, one with it). Returns (cache, state, tokens [B, block * (k+1)], -1 where nothing
+        was produced)."""
         self.compiles["decode", block] += 1
         model = self._model(params)
         B, k = state.token.shape[0], self.k
-        step = self._spec_step if k else self._plain_step
+        step = functools.partial(self._spec_step if k else self._plain_step, greedy=greedy)
 
         def cond(carry):
             i, _, state, _, _ = carry
@@ -419,25 +423,29 @@ class Engine:
         _, cache, state, out, _ = jax.lax.while_loop(cond, body, carry)
         return cache, state, out
 
-    def _plain_step(self, model, cache, state: Slots):
+    def _plain_step(self, model, cache, state: Slots, greedy: bool):
         """One token per active row: forward, sample, stop rules."""
         positions = jnp.where(state.active, state.pos, -1)[:, None]
         fwd = model.forward(state.token[:, None], positions, cache)
         logits = model.compute_logits(fwd.hidden[:, 0]).astype(jnp.float32)
         logits = block_stops(logits, state.generated, state.min_gen, state.stop_ids)
-        tok = sample(logits, state.sampler, state.counts, state.seen, state.generated)
+        tok = sample(
+            logits, state.sampler, state.counts, state.seen, state.generated, greedy_only=greedy
+        )
         emitted = tok[:, None]
         n_emit, done = self._stops(state, emitted, jnp.zeros_like(state.pos))
         return fwd.cache, self._advance(state, emitted, n_emit, done, tok), emitted, n_emit
 
-    def _spec_step(self, model, cache, state: Slots):
+    def _spec_step(self, model, cache, state: Slots, greedy: bool):
         """Verify the drafts in one forward, accept a prefix, rewind the GDN states, draft anew."""
         k, active = self.k, state.active
         inputs = jnp.concatenate([state.token[:, None], state.drafts], axis=1)  # [B, k+1]
         positions = jnp.where(active[:, None], state.pos[:, None] + jnp.arange(k + 1), -1)
         fwd = model.forward(inputs, positions, cache, collect_states=True)
         logits = model.compute_logits(fwd.hidden).astype(jnp.float32)  # [B, k+1, V]
-        a, emitted = speculative.accept(logits, state.drafts, state, state.generated, block_stops)
+        a, emitted = speculative.accept(
+            logits, state.drafts, state, state.generated, block_stops, greedy_only=greedy
+        )
         cache = speculative.rewind_gdn(fwd.cache, fwd.states, a)
         n_emit, done = self._stops(state, emitted, a)
         last = jnp.take_along_axis(emitted, a[:, None], axis=1)[:, 0]

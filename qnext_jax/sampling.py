@@ -208,16 +208,18 @@ def filter_logits(logits, rows: SamplerRows):
     )
 
 
-def sample(logits, rows: SamplerRows, counts, seen, step):
-    """logits [B, V] -> token ids [B] int32. `step` [B]: tokens each row has generated so far."""
+def sample(logits, rows: SamplerRows, counts, seen, step, *, greedy_only: bool = False):
+    """logits [B, V] -> token ids [B] int32. `step` [B]: tokens each row has generated so far.
+
+    greedy_only (static): every row that matters is greedy, so the argmax alone (the caller
+    knows this on the host: a program per value, rather than a device-side branch, whose
+    predicate XLA reads back to the host in every step). Else greedy rows take the argmax and
+    the others are drawn."""
     logits = apply_penalties(logits.astype(jnp.float32), rows, counts, seen)
     greedy_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def draw(_):
-        filtered = filter_logits(logits, rows)
-        keys = jax.vmap(jax.random.fold_in)(rows.key, step)
-        drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
-        return jnp.where(rows.temperature < GREEDY_EPS, greedy_tok, drawn)
-
-    all_greedy = jnp.all(rows.temperature < GREEDY_EPS)
-    return jax.lax.cond(all_greedy, lambda _: greedy_tok, draw, None)
+    if greedy_only:
+        return greedy_tok
+    filtered = filter_logits(logits, rows)
+    keys = jax.vmap(jax.random.fold_in)(rows.key, step)
+    drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+    return jnp.where(rows.temperature < GREEDY_EPS, greedy_tok, drawn)

@@ -63,16 +63,17 @@ def position_logits(logits, drafts, state, block_stops):
     return flat.reshape(B, T, V), rows
 
 
-def accept(logits, drafts, state, key_step, block_stops):
+def accept(logits, drafts, state, key_step, block_stops, *, greedy_only: bool = False):
     """-> (a [B] accepted drafts, emitted [B, k+1]: e_i = d_{i+1} for i < a, e_a the correction
-    or bonus; entries after a are unused)."""
+    or bonus; entries after a are unused). greedy_only (static) as in `sampling.sample`: every
+    row that matters is greedy, so the sampling rule is left out of the program."""
     B, T, V = logits.shape
     k = T - 1
     processed, rows = position_logits(logits, drafts, state, block_stops)
     target = jnp.argmax(processed, axis=-1).astype(jnp.int32)  # greedy targets [B, T]
     greedy = state.sampler.temperature < GREEDY_EPS
 
-    def greedy_only(_):
+    def greedy_rule(_):
         ok = drafts == target[:, :k]
         a = jnp.sum(jnp.cumprod(ok, axis=1), axis=1)
         return a, target
@@ -97,7 +98,7 @@ def accept(logits, drafts, state, key_step, block_stops):
         emitted = emitted.at[jnp.arange(B), a].set(last)
         return a, emitted
 
-    return jax.lax.cond(jnp.all(greedy), greedy_only, with_sampling, None)
+    return greedy_rule(None) if greedy_only else with_sampling(None)
 
 
 def draft(model, cache, hidden, emitted, pos, a, active, k):
