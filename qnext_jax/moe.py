@@ -44,7 +44,10 @@ class SparseMoE(nnx.Module):
             experts = jnp.where(valid.reshape(-1, 1), experts, -1)
         scale = jax.nn.sigmoid(self.shared_expert_gate(x, layer))  # [N, 1]
         se = self.shared_expert
-        fold = sharding.shared_expert_joins_psum(self.mesh, se.gate_proj.w.shape[-1])
+        # the shared expert inside the routed experts' call: on one device (one more tile of
+        # the decode kernels) or riding their psum (one collective per layer, not two)
+        single = self.mesh is None or self.mesh.size == 1
+        fold = single or sharding.shared_expert_joins_psum(self.mesh, se.gate_proj.w.shape[-1])
         routed = ops.moe_experts(
             x,
             weights,
@@ -54,7 +57,6 @@ class SparseMoE(nnx.Module):
             impl=self.impl,
             mesh=self.mesh,
             layer=layer,
-            # one collective per layer: the shared expert's partial sums join the experts' psum
             shared=(se.gate_proj.w[...], se.up_proj.w[...], se.down_proj.w[...], scale)
             if fold
             else None,

@@ -617,10 +617,11 @@ def moe_experts(
     With `layer` (an int32 scalar, traced inside a scan over layers) the weights are the whole
     stacks [L,E,D,2F] / [L,E,F,D] and layer picks one: the Pallas kernel reads the stack in
     place, the XLA paths index it.
-    shared: (w_gate, w_up, w_down, scale) of the shared expert, folded into the expert-parallel
-    psum (sharding.expert_parallel; only where sharding.shared_expert_joins_psum). Its weights
-    may be whole stacks [L, ...] too (with `layer`); its projections run as `linear` with
-    impl=shared_impl, per device.
+    shared: (w_gate, w_up, w_down, scale) of the shared expert, added as scale * its output
+    (on one device, or folded into the expert-parallel psum where
+    sharding.shared_expert_joins_psum). Its weights may be whole stacks [L, ...] too (with
+    `layer`). On the Pallas decode path it is one more tile of the routed kernels; elsewhere
+    its projections run as `linear` with impl=shared_impl, per device.
     With a mesh whose expert axis is > 1, each device runs its own experts on the (replicated)
     tokens routed to them and the partial sums are combined by one psum (sharding.expert_parallel
     says why psum rather than all-to-all)."""
@@ -639,40 +640,49 @@ def moe_experts(
         raise ValueError(f"moe_impl={impl!r}; allowed: 'auto', " + ", ".join(map(repr, MOE_IMPLS)))
     if impl == "pallas" and not have_kernels:
         raise ValueError("moe_impl='pallas' needs the pallas_kernels package, not importable here")
-    routed = functools.partial(_routed_experts, impl=impl)
-    if shared is not None and not sharding.shared_expert_joins_psum(mesh, shared[0].shape[-1]):
-        raise ValueError("shared= is only for meshes where sharding.shared_expert_joins_psum")
+    routed = functools.partial(_routed_experts, impl=impl, shared_impl=shared_impl)
+    single = mesh is None or mesh.size == 1
+    if shared is not None and not (
+        single or sharding.shared_expert_joins_psum(mesh, shared[0].shape[-1])
+    ):
+        raise ValueError(
+            "shared= needs one device or a mesh where sharding.shared_expert_joins_psum"
+        )
     if sharding.expert_parallel_size(mesh) > 1:
-
-        def project(x, w, layer):  # inside expert_parallel's shard_map: this device's slice
-            return linear(x, w, layer if w.ndim == 3 else None, impl=shared_impl)
-
         out = sharding.expert_parallel(
-            routed,
-            mesh,
-            x,
-            weights,
-            experts,
-            w_gate_up,
-            w_down,
-            layer=layer,
-            shared=shared,
-            project=project,
+            routed, mesh, x, weights, experts, w_gate_up, w_down, layer=layer, shared=shared
         )
     else:
-        out = routed(x, weights, experts, w_gate_up, w_down, layer)
+        out = routed(x, weights, experts, w_gate_up, w_down, layer, shared)
     return out.astype(x.dtype)
 
 
-def _routed_experts(x, weights, experts, w_gate_up, w_down, layer=None, *, impl):
-    """fp32 [N,D]; ids outside [0, E) (experts held by another device) contribute nothing."""
+def _routed_experts(
+    x, weights, experts, w_gate_up, w_down, layer=None, shared=None, *, impl, shared_impl
+):
+    """fp32 [N,D]; ids outside [0, E) (experts held by another device) contribute nothing.
+    shared = (w_gate, w_up, w_down, scale [N, 1]): the shared expert (this device's slice of
+    its ffw), added as scale * its output. On the decode kernel it is one more tile of the
+    routed kernels (no launches of its own); elsewhere three `linear`s with impl=shared_impl."""
     E = w_gate_up.shape[-3]
     here = (experts >= 0) & (experts < E)  # [N,k]
+    h_shared = None
     if impl == "pallas":  # reads a stacked [L, E, ...] in place; foreign ids give zero rows
-        decode = x.shape[0] <= _kernel("pallas_kernels.moe", "MAX_TOKENS")
-        name = "moe_experts_decode" if decode else "moe_experts_prefill"
-        kernel = _kernel("pallas_kernels.moe", name)
-        h = kernel(x, experts, w_gate_up, w_down, layer, interpret=not on_gpu())
+        moe = "pallas_kernels.moe"
+        if x.shape[0] <= _kernel(moe, "MAX_TOKENS"):
+            kernel = _kernel(moe, "moe_experts_decode")
+            D, F = w_gate_up.shape[-2], w_gate_up.shape[-1] // 2
+            if shared is not None and _kernel(moe, "shared_tile_applies")(
+                F, shared[0].shape[-1], D
+            ):
+                h, h_shared = kernel(
+                    x, experts, w_gate_up, w_down, layer, shared=shared[:3], interpret=not on_gpu()
+                )
+            else:
+                h = kernel(x, experts, w_gate_up, w_down, layer, interpret=not on_gpu())
+        else:
+            kernel = _kernel(moe, "moe_experts_prefill")
+            h = kernel(x, experts, w_gate_up, w_down, layer, interpret=not on_gpu())
     else:
         if layer is not None:
             w_gate_up = jax.lax.dynamic_index_in_dim(w_gate_up, layer, 0, keepdims=False)
@@ -687,7 +697,18 @@ def _routed_experts(x, weights, experts, w_gate_up, w_down, layer=None, *, impl)
     h = jnp.where(here[..., None], h.astype(jnp.float32), 0.0)  # [N,k,D]
     # a multiply and a sum rather than a dot, so XLA may fuse them with the kernels' row
     # gather (no change measured in the 80B's 8K prefill; decode not measured separately)
-    return jnp.sum(jnp.where(here, weights, 0.0)[..., None] * h, axis=1)
+    out = jnp.sum(jnp.where(here, weights, 0.0)[..., None] * h, axis=1)
+    if shared is None:
+        return out
+    w_gate, w_up, w_down, scale = shared
+    if h_shared is None:
+
+        def project(x, w):
+            return linear(x, w, layer if w.ndim == 3 else None, impl=shared_impl)
+
+        act = jax.nn.silu(project(x, w_gate)) * project(x, w_up)
+        h_shared = project(act, w_down)  # in x's dtype, as the SwiGLU module
+    return out + h_shared.astype(jnp.float32) * scale.astype(jnp.float32)
 
 
 def _swiglu(gate_up):

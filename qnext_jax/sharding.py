@@ -309,22 +309,20 @@ def expert_parallel(
     w_gate_up,
     w_down,
     *,
-    project,
     layer=None,
     shared=None,
 ):
     """Routed experts split over the expert axis, tokens replicated.
 
-    local_fn(x, weights, ids, w_gate_up_local, w_down_local, layer) -> fp32 [N, D] must ignore
-    ids outside [0, E_local) (experts another device holds). With `layer` the weights are
-    stacked over layers ([L, E, ...], split on E) and layer picks one. Each device runs its
-    E / EP experts on the tokens routed to them and the partial outputs are summed with one psum,
-    in x's dtype.
+    local_fn(x, weights, ids, w_gate_up_local, w_down_local, layer, shared_local) -> fp32
+    [N, D] must ignore ids outside [0, E_local) (experts another device holds). With `layer`
+    the weights are stacked over layers ([L, E, ...], split on E) and layer picks one. Each
+    device runs its E / EP experts on the tokens routed to them and the partial outputs are
+    summed with one psum, in x's dtype.
     shared = (w_gate [D, Fs], w_up [D, Fs], w_down [Fs, D], scale [N, 1]): the shared expert,
-    split on Fs; each device adds scale * its partial SwiGLU to its routed partial sum before
-    the one psum (only where `shared_expert_joins_psum`). Its weights may be stacked over
-    layers ([L, D, Fs], ...) with `layer`. project(x, w, layer) -> x @ w (w[layer] when
-    stacked) runs its projections on the device's slices (ops.linear, from the caller).
+    split on Fs and handed to local_fn as the device's slices, which adds scale * its partial
+    SwiGLU to its routed partial sum before the one psum (only where
+    `shared_expert_joins_psum`). Its weights may be stacked over layers ([L, D, Fs], ...).
 
     Why replicated tokens + psum, not all-to-all: under tensor parallelism the residual stream
     is already replicated on every device, so there is nothing to dispatch. Decode (1-64 tokens)
@@ -344,12 +342,7 @@ def expert_parallel(
         n_local = gu.shape[-3]
         ids = experts - jax.lax.axis_index(axis) * n_local
         ids = jnp.where((ids >= 0) & (ids < n_local), ids, n_local)  # n_local: not here
-        out = local_fn(x, weights, ids, gu, down, layer if stacked else None)
-        if shared:
-            w_gate, w_up, w_down, scale = shared
-            h = jax.nn.silu(project(x, w_gate, layer)) * project(x, w_up, layer)
-            part = project(h, w_down, layer)  # in x's dtype, as the unfolded shared expert
-            out = out + part.astype(jnp.float32) * scale.astype(jnp.float32)
+        out = local_fn(x, weights, ids, gu, down, layer if stacked else None, shared or None)
         # The partial sums travel in the activation dtype (bf16: half the bytes of fp32, as
         # tensor-parallel all-reduces do elsewhere): each partial is rounded, and so is every
         # step of the reduction (one step at EP=2, more on larger meshes).

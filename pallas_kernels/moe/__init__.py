@@ -7,8 +7,13 @@ from pallas_kernels.moe.grouped import (
     MoEBlocks,
     moe_experts_decode,
     moe_experts_prefill,
+    shared_tile_applies,
 )
-from pallas_kernels.moe.reference import moe_experts_decode_ref, validate_moe_inputs
+from pallas_kernels.moe.reference import (
+    moe_experts_decode_ref,
+    shared_expert_ref,
+    validate_moe_inputs,
+)
 from pallas_kernels.moe.routing import (
     route_kernel_applies,
     route_topk,
@@ -26,6 +31,8 @@ __all__ = [
     "route_kernel_applies",
     "route_topk",
     "route_topk_ref",
+    "shared_expert_ref",
+    "shared_tile_applies",
     "validate_moe_inputs",
     "validate_route_inputs",
 ]

@@ -93,33 +93,36 @@ def _tile(tile_refs, s):
     return tile_refs[0][s], tile_refs[1][s], start
 
 
-def _gate_up_kernel(*refs, rows, block_f, block_d, n_tile_refs, split):
+def _gate_up_kernel(*refs, rows, block_f, block_d, n_tile_refs, split, shared):
     # tile refs [U] int32, expert, count and start: slot s runs expert e on the grouped rows
     #   [start, start + cnt) (cnt = 0: an empty slot); without start, slot s is row s
-    # x_ref [M + R, D] grouped rows (R spare rows at the end)
+    # x_ref [P, D] grouped rows (R spare rows at the end)
     # w_ref [E, D, 2F] gate | up
-    # out: h_ref [M + R, F] silu(gate) * up in x's dtype; rows of other slots left untouched.
+    # with `shared` = (tile u, rows n): layer_ref [1] int32, sg_ref / su_ref [L, D, Fs], the
+    #   shared expert's gate and up: tile u (past the routed ones) runs it on the n rows from
+    #   grouped row P - R (the tokens in order), Fs <= F columns
+    # out: h_ref [P, F] silu(gate) * up in x's dtype; rows of other slots left untouched.
     # With split > 1, program (s, f, j) sums the j-th of `split` parts of D and stores the
-    # fp32 partial sums of gate and up in h_ref [split, M + R, 2F] (the caller adds the parts
+    # fp32 partial sums of gate and up in h_ref [split, P, 2F] (the caller adds the parts
     # and applies SwiGLU).
-    tile_refs, (x_ref, w_ref, h_ref) = refs[:n_tile_refs], refs[n_tile_refs:]
+    tile_refs, refs = refs[:n_tile_refs], refs[n_tile_refs:]
+    if shared:
+        x_ref, w_ref, layer_ref, sg_ref, su_ref, h_ref = refs
+    else:
+        (x_ref, w_ref, h_ref), layer_ref = refs, None
     s, f, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    e, cnt, start = _tile(tile_refs, s)
     F = w_ref.shape[2] // 2
+    n_chunks = x_ref.shape[1] // block_d // split
+    first = j * n_chunks if split > 1 else 0
+    gate = pl.ds(f * block_f, block_f)
 
-    @pl.when(cnt > 0)
-    def _run():
+    def run(start, cnt, load_w):
         mine = (jnp.arange(rows) < cnt)[:, None]  # [R, 1]: rows past cnt are the next expert's
-        gate = pl.ds(f * block_f, block_f)
-        up = pl.ds(F + f * block_f, block_f)
-        n_chunks = x_ref.shape[1] // block_d // split
-        first = j * n_chunks if split > 1 else 0
 
         def body(i, acc):
             d = pl.ds(pl.multiple_of((first + i) * block_d, block_d), block_d)
             xs = plt.load(x_ref.at[pl.ds(start, rows), d], mask=mine, other=0)  # [R, BD]
-            wg = w_ref[e, d, gate].astype(xs.dtype)  # [BD, BF]
-            wu = w_ref[e, d, up].astype(xs.dtype)
+            wg, wu = (w.astype(xs.dtype) for w in load_w(d))  # [BD, BF] each
             acc_g, acc_u = acc
             acc_g += jnp.dot(xs, wg, preferred_element_type=jnp.float32)
             acc_u += jnp.dot(xs, wu, preferred_element_type=jnp.float32)
@@ -130,36 +133,71 @@ def _gate_up_kernel(*refs, rows, block_f, block_d, n_tile_refs, split):
         if split > 1:
             rows_j = pl.ds(start, rows)
             plt.store(h_ref.at[j, rows_j, gate], acc_g, mask=mine)
-            plt.store(h_ref.at[j, rows_j, up], acc_u, mask=mine)
+            plt.store(h_ref.at[j, rows_j, pl.ds(F + f * block_f, block_f)], acc_u, mask=mine)
         else:
             act = (jax.nn.silu(acc_g) * acc_u).astype(h_ref.dtype)  # [R, BF], rounded as the ref
             plt.store(h_ref.at[pl.ds(start, rows), gate], act, mask=mine)
 
+    if shared:
+        u, n = shared
+        layer, Fs = layer_ref[0], sg_ref.shape[2]
 
-def _down_kernel(*refs, rows, block_dout, block_fin, scatter, n_tile_refs):
-    # tile refs as above  h_ref [M + R, F] silu(gate) * up  w_ref [E, F, D]
-    #   ->  y_ref [M + R, D] fp32; rows of other slots untouched. With `scatter`, pair_ref
-    # [M + R] int32 first: each grouped row's result is stored at its pair's row of y
-    # (token-major), not at its grouped row.
-    tile_refs, refs = refs[:n_tile_refs], refs[n_tile_refs:]
-    pair_ref, h_ref, w_ref, y_ref = refs if scatter else (None, *refs)
-    s, o = pl.program_id(0), pl.program_id(1)
-    e, cnt, start = _tile(tile_refs, s)
-    out = pl.ds(o * block_dout, block_dout)
+        @pl.when((s == u) & (f < Fs // block_f))
+        def _shared():
+            run(
+                x_ref.shape[0] - rows, n, lambda d: (sg_ref[layer, d, gate], su_ref[layer, d, gate])
+            )
+
+    e, cnt, start = _tile(tile_refs, s)  # the shared tile's slot is an empty routed one
 
     @pl.when(cnt > 0)
-    def _run():
+    def _routed():
+        up = pl.ds(F + f * block_f, block_f)
+        run(start, cnt, lambda d: (w_ref[e, d, gate], w_ref[e, d, up]))
+
+
+def _down_kernel(*refs, rows, block_dout, block_fin, scatter, n_tile_refs, shared):
+    # tile refs as above  h_ref [P, F] silu(gate) * up  w_ref [E, F, D]
+    #   ->  y_ref [P, D] fp32; rows of other slots untouched. With `scatter`, pair_ref
+    # [P] int32 first: each grouped row's result is stored at its pair's row of y
+    # (token-major), not at its grouped row. With `shared` = (tile u, rows n): layer_ref [1]
+    # and sd_ref [L, Fs, D] last; tile u reduces the shared rows' Fs columns of h with it and
+    # stores at rows P - R .. P - R + n.
+    tile_refs, refs = refs[:n_tile_refs], refs[n_tile_refs:]
+    pair_ref, refs = (refs[0], refs[1:]) if scatter else (None, refs)
+    if shared:
+        h_ref, w_ref, layer_ref, sd_ref, y_ref = refs
+    else:
+        h_ref, w_ref, y_ref = refs
+    s, o = pl.program_id(0), pl.program_id(1)
+    out = pl.ds(o * block_dout, block_dout)
+
+    def reduce(start, cnt, width, load_w):
         mine = (jnp.arange(rows) < cnt)[:, None]  # [R, 1]
 
         def body(i, acc):
             f = pl.ds(pl.multiple_of(i * block_fin, block_fin), block_fin)
             # Masked: h rows past the last slot's run were never written (uninitialised).
             hs = plt.load(h_ref.at[pl.ds(start, rows), f], mask=mine, other=0)  # [R, BFin]
-            wd = w_ref[e, f, out].astype(hs.dtype)  # [BFin, BO]
-            return acc + jnp.dot(hs, wd, preferred_element_type=jnp.float32)
+            return acc + jnp.dot(hs, load_w(f).astype(hs.dtype), preferred_element_type=jnp.float32)
 
-        n_chunks = h_ref.shape[1] // block_fin
-        acc = jax.lax.fori_loop(0, n_chunks, body, jnp.zeros((rows, block_dout), jnp.float32))
+        zeros = jnp.zeros((rows, block_dout), jnp.float32)
+        return mine, jax.lax.fori_loop(0, width // block_fin, body, zeros)
+
+    if shared:
+        u, n = shared
+
+        @pl.when(s == u)
+        def _shared():
+            layer, start = layer_ref[0], h_ref.shape[0] - rows
+            mine, acc = reduce(start, n, sd_ref.shape[1], lambda f: sd_ref[layer, f, out])
+            plt.store(y_ref.at[pl.ds(start, rows), out], acc, mask=mine)
+
+    e, cnt, start = _tile(tile_refs, s)
+
+    @pl.when(cnt > 0)
+    def _routed():
+        mine, acc = reduce(start, cnt, h_ref.shape[1], lambda f: w_ref[e, f, out])
         if scatter:
             pairs = pair_ref[pl.ds(start, rows)][:, None]  # [R, 1]
             cols = (o * block_dout + jnp.arange(block_dout))[None, :]
@@ -248,18 +286,47 @@ def _check_stack(w_gate_up, w_down, layer):
     return L, [jax.ShapeDtypeStruct(w.shape[stacked:], w.dtype) for w in (w_gate_up, w_down)]
 
 
+def _check_shared(shared, L, D, F, layer, BF, BFin):
+    """The shared expert's (w_gate [D, Fs], w_up [D, Fs], w_down [Fs, D]), each whole or
+    stacked over the routed stack's L layers ([L, ...], with `layer`), as [L, ...] stacks
+    (a reshape: no copy); ValueError unless Fs <= F and Fs divides into the kernels' blocks."""
+    w_gate, w_up, w_down = shared
+    stacked = layer is not None and w_gate.ndim == 3
+    lead = (L,) if stacked else ()
+    Fs = w_gate.shape[-1]
+    want = ((*lead, D, Fs), (*lead, D, Fs), (*lead, Fs, D))
+    got = tuple(tuple(w.shape) for w in shared)
+    if got != want or Fs > F or Fs % BF or Fs % BFin:
+        raise ValueError(
+            f"shared (w_gate, w_up, w_down) must be {want} (stacked like the routed experts "
+            f"or whole) with Fs <= F={F} and Fs a multiple of block_f={BF} and block_fin="
+            f"{BFin}, got {got}"
+        )
+    return stacked, tuple(w if stacked else w[None] for w in shared)
+
+
+def shared_tile_applies(F: int, Fs: int, D: int, blocks: MoEBlocks = MoEBlocks()) -> bool:
+    """Whether `moe_experts_decode` can run a shared expert of width Fs as its extra tile."""
+    BF = min(blocks.block_f, F & -F)
+    BFin = min(blocks.block_fin, F & -F)
+    return 0 < Fs <= F and Fs % BF == 0 and Fs % BFin == 0
+
+
 def _grouped_experts(
-    x, experts, w_gate_up, w_down, layer, group, rows, blocks, interpret, y_by_pair
+    x, experts, w_gate_up, w_down, layer, group, rows, blocks, interpret, y_by_pair, shared=None
 ):
     """Validate, group the pairs (`group(experts, E)` -> pos, order, tiles), run the two kernels
-    over the tiles of `rows` rows and return [N, k, D] fp32 in (token, slot) order.
+    over the tiles of `rows` rows and return [N, k, D] fp32 in (token, slot) order (and the
+    shared expert's [N, D] fp32 when `shared` is given).
 
-    The kernels see M + R grouped rows (R spare rows at the end, so that a run of R rows from
-    any start stays inside; their loads and stores are masked), gate_up reading a grouped copy
-    of x (one XLA gather). y_by_pair: down stores each row's result at its pair's row
+    The kernels see P = M + R grouped rows (R spare rows at the end, so that a run of R rows
+    from any start stays inside; their loads and stores are masked), gate_up reading a grouped
+    copy of x (one XLA gather). y_by_pair: down stores each row's result at its pair's row
     (token-major), else at its grouped row and one XLA gather puts the results back in pair
     order. A grouping that returns pos = order = None (`_one_tile_per_pair`, one token) needs
-    neither: the grouped rows are already in pair order and x's copy is a broadcast."""
+    neither: the grouped rows are already in pair order and x's copy is a broadcast.
+    shared: one more tile, past the routed ones, runs the shared expert on the N tokens,
+    which are the first spare rows of x's copy (rows M .. M + N)."""
     L, per_layer = _check_stack(w_gate_up, w_down, layer)
     E, D, F = validate_moe_inputs(x, experts, *per_layer)
     # one layer's experts are rows [layer * E, (layer + 1) * E) of the flattened stack (a
@@ -273,17 +340,29 @@ def _grouped_experts(
     N, k = experts.shape
     M = N * k
     pos, order, tiles = group(experts, E)
+    layer_index = jnp.clip(jnp.asarray(0 if layer is None else layer, jnp.int32), 0, L - 1)
     if layer is not None:
-        offset = jnp.clip(jnp.asarray(layer, jnp.int32), 0, L - 1) * E
-        tiles = (tiles[0] + offset, *tiles[1:])
+        tiles = (tiles[0] + layer_index * E, *tiles[1:])
     U, P = tiles[0].shape[0], M + rows
+    extra = ()  # the shared expert's operands, after each kernel's own
+    if shared is not None:
+        stacked, (sg, su, sd) = _check_shared(shared, L, D, F, layer, BF, BFin)
+        # one more, empty, routed tile: the shared expert's slot
+        tiles = tuple(jnp.pad(t, (0, 1)) for t in tiles)
+        shared_layer = layer_index if stacked else jnp.zeros((), jnp.int32)
+        extra, shared_tile = (shared_layer.reshape(1),), (U, N)
+        U += 1
+    else:
+        shared_tile = None
     identity = order is None  # grouped row j is pair j: every row is the one token's
     if identity:
         # (gate_up reading x's one row and broadcasting it in registers ran at half speed:
         # 22 vs 11 us per layer on the 80B at batch 1)
         x_grouped, y_by_pair = jnp.broadcast_to(x, (P, x.shape[1])), False
     else:
-        token = jnp.concatenate([order // k, jnp.zeros((rows,), jnp.int32)])  # spare: token 0
+        # spare rows: the tokens in order (the shared tile's rows), then the last token
+        spare = jnp.minimum(jnp.arange(rows, dtype=jnp.int32), N - 1)
+        token = jnp.concatenate([order // k, spare])
         # a gather, not a scatter of x into grouped order (a scatter kernel was 10 us per
         # layer at 64 tokens; reading x by token inside gate_up was slower still: 47 vs
         # 40.5 us per call at 1 token, 0.76 vs 0.68 ms at 64)
@@ -296,6 +375,7 @@ def _grouped_experts(
         raise ValueError(f"split_d={blocks.split_d!r} must be an integer >= 1")
     # the most parts, up to split_d, that divide the D / BD chunks evenly
     S = max(s for s in range(1, blocks.split_d + 1) if (D // BD) % s == 0)
+    gate_up_extra = (*extra, sg, su) if shared is not None else ()
     h_grouped = pl.pallas_call(
         functools.partial(
             _gate_up_kernel,
@@ -304,9 +384,10 @@ def _grouped_experts(
             block_d=BD,
             n_tile_refs=len(tiles),
             split=S,
+            shared=shared_tile,
         ),
         grid=(U, F // BF, S),
-        in_specs=[whole] * (len(tiles) + 2),
+        in_specs=[whole] * (len(tiles) + 2 + len(gate_up_extra)),
         out_specs=whole,
         out_shape=jax.ShapeDtypeStruct((P, F), x.dtype)
         if S == 1
@@ -314,10 +395,11 @@ def _grouped_experts(
         compiler_params=compiler_params(blocks.num_warps, blocks.num_stages),
         interpret=interpret,
         name="moe_gate_up",
-    )(*tiles, x_grouped, w_gate_up)
+    )(*tiles, x_grouped, w_gate_up, *gate_up_extra)
     if S > 1:  # the parts' sums, then SwiGLU rounded to x's dtype as in the kernel
         gu = jnp.sum(h_grouped, axis=0)
         h_grouped = (jax.nn.silu(gu[:, :F]) * gu[:, F:]).astype(x.dtype)
+    down_extra = (*extra, sd) if shared is not None else ()
     y_out = pl.pallas_call(
         functools.partial(
             _down_kernel,
@@ -326,20 +408,22 @@ def _grouped_experts(
             block_fin=BFin,
             scatter=y_by_pair,
             n_tile_refs=len(tiles),
+            shared=shared_tile,
         ),
         grid=(U, D // BO),
-        in_specs=[whole] * (len(tiles) + 2 + len(y_rows)),
+        in_specs=[whole] * (len(tiles) + 2 + len(y_rows) + len(down_extra)),
         out_specs=whole,
         out_shape=jax.ShapeDtypeStruct((P, D), jnp.float32),
         compiler_params=compiler_params(blocks.num_warps, blocks.num_stages),
         interpret=interpret,
         name="moe_down",
-    )(*tiles, *y_rows, h_grouped, w_down)
+    )(*tiles, *y_rows, h_grouped, w_down, *down_extra)
 
     y = (y_out[:M] if y_by_pair or identity else y_out[pos]).reshape(N, k, D)  # pair order
     here = (experts >= 0) & (experts < E)
     # Rows of ids not on this device were never written (uninitialised memory): zero them.
-    return jnp.where(here[..., None], y, 0.0)
+    y = jnp.where(here[..., None], y, 0.0)
+    return y if shared is None else (y, y_out[M : M + N])
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "blocks"))
@@ -350,11 +434,12 @@ def moe_experts_decode(
     w_down,
     layer=None,
     *,
+    shared=None,
     interpret=False,
     blocks: MoEBlocks = MoEBlocks(),
 ):
     """Routed experts of a few tokens (N <= 64), reading each touched expert's weights once:
-    one tile per touched expert.
+    one tile per touched expert; optionally the shared expert as one more tile.
 
     Args:
       x: [N, D] bf16 or fp32.
@@ -366,10 +451,16 @@ def moe_experts_decode(
         scan over layers this matters: a per-layer slice as a kernel operand is a copy
         (XLA cannot hand a slice of a buffer to a custom call), i.e. every layer's local
         experts, all of them, copied every step.
+      shared: the shared expert's (w_gate [D, Fs], w_up [D, Fs], w_down [Fs, D]), whole or
+        stacked over the same layers ([L, ...]); Fs <= F, a multiple of the F blocks
+        (`shared_tile_applies`). Its tile runs beside the routed ones in both kernels, so
+        the layer's shared expert costs no launches of its own.
     Returns:
       h [N, k, D] fp32: (silu(x @ Wg) * (x @ Wu)) @ Wd per (token, slot), as
       `moe_experts_decode_ref` (products in x's dtype, fp32 sums, silu * up rounded to x's
-      dtype). The caller applies the routing weights and sums over k.
+      dtype). The caller applies the routing weights and sums over k. With `shared`, the
+      pair (h, h_shared [N, D] fp32), h_shared the shared expert's output computed the same
+      way (the caller applies its gate).
     """
     N, k = experts.shape
     if not 1 <= N <= MAX_TOKENS or k < 1:
@@ -382,7 +473,7 @@ def moe_experts_decode(
     by_pair = blocks.y_by_pair[0] <= N <= blocks.y_by_pair[1]
     group = _one_tile_per_pair if N == 1 and blocks.one_token_tiles else _group_by_expert
     return _grouped_experts(
-        x, experts, w_gate_up, w_down, layer, group, R, blocks, interpret, by_pair
+        x, experts, w_gate_up, w_down, layer, group, R, blocks, interpret, by_pair, shared
     )
 
 

@@ -58,3 +58,14 @@ def moe_experts_decode_ref(x, experts, w_gate_up, w_down) -> jax.Array:
     act = (jax.nn.silu(gu[..., :F]) * gu[..., F:]).astype(x.dtype)  # [N, k, F]
     h = jnp.einsum("nkf,nkfd->nkd", act, w_down[e].astype(x.dtype), preferred_element_type=f32)
     return jnp.where(here[..., None], h, 0.0)
+
+
+def shared_expert_ref(x, w_gate, w_up, w_down) -> jax.Array:
+    """The shared expert as the decode kernel's extra tile computes it: x [N, D], w_gate /
+    w_up [D, Fs], w_down [Fs, D] -> [N, D] fp32 (products in x.dtype, fp32 sums, silu(gate) *
+    up rounded to x.dtype, as the routed experts)."""
+    f32 = jnp.float32
+    gate = jnp.dot(x, w_gate.astype(x.dtype), preferred_element_type=f32)
+    up = jnp.dot(x, w_up.astype(x.dtype), preferred_element_type=f32)
+    act = (jax.nn.silu(gate) * up).astype(x.dtype)
+    return jnp.dot(act, w_down.astype(x.dtype), preferred_element_type=f32)

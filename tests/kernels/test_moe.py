@@ -22,6 +22,8 @@ from pallas_kernels.moe import (
     moe_experts_decode,
     moe_experts_decode_ref,
     moe_experts_prefill,
+    shared_expert_ref,
+    shared_tile_applies,
 )
 
 # Blocks below the 64-wide test dimensions, so every program loops over several chunks.
@@ -110,6 +112,53 @@ def test_gate_up_reduction_split_across_programs(N):
         assert rel_err(h, want) < TOL[jnp.float32]
     with pytest.raises(ValueError, match="split_d=0 must be an integer >= 1"):
         _kernel(*args, blocks=dataclasses.replace(SMALL, split_d=0))
+
+
+@pytest.mark.parametrize(
+    "N, one_token_tiles, y_by_pair, split_d, stacked, dtype",
+    [
+        (1, True, (2, 8), 1, True, jnp.float32),  # one tile per pair
+        (1, False, (0, 0), 1, False, jnp.float32),  # grouped, gathered back
+        (5, False, (2, 8), 1, True, jnp.bfloat16),  # stored by pair
+        (17, False, (0, 0), 2, True, jnp.float32),  # R = 32, gate_up split in parts
+        (3, False, (2, 8), 1, "routed only", jnp.float32),  # a whole shared expert, layer 1
+    ],
+)
+def test_shared_expert_as_an_extra_tile(N, one_token_tiles, y_by_pair, split_d, stacked, dtype):
+    """The shared expert (Fs = 32 < F = 64) as one more tile of both kernels: the routed
+    result unchanged, the shared one equal to its reference, for each way of grouping the rows
+    and storing the results; stacked weights read at the layer (the shared expert's may be
+    one layer's while the routed ones are stacked)."""
+    x, experts, w_gate_up, w_down = moe_inputs(N, 3, 8, 64, 64, dtype, seed=N, off_device=0.3)
+    rng = np.random.default_rng(N + 1)
+    sg, su = (jnp.asarray(rng.standard_normal((64, 32)) * 64**-0.5, dtype) for _ in range(2))
+    sd = jnp.asarray(rng.standard_normal((32, 64)) * 32**-0.5, dtype)
+    blocks = dataclasses.replace(
+        SMALL, one_token_tiles=one_token_tiles, y_by_pair=y_by_pair, split_d=split_d
+    )
+    args, shared, layer = (x, experts, w_gate_up, w_down), (sg, su, sd), None
+    if stacked:  # layer 1 of 2; the other layer's weights differ
+        args = (x, experts, jnp.stack([w_gate_up * 0.5, w_gate_up]), jnp.stack([w_down] * 2))
+        layer = 1
+        if stacked is True:
+            shared = tuple(jnp.stack([-w, w]) for w in shared)
+    h, h_shared = run(
+        moe_experts_decode, *args, layer, shared=shared, interpret=INTERPRET, blocks=blocks
+    )
+    assert h.shape == (N, 3, 64) and h_shared.shape == (N, 64) and h_shared.dtype == jnp.float32
+    assert rel_err(h, run(moe_experts_decode_ref, x, experts, w_gate_up, w_down)) < TOL[dtype]
+    assert rel_err(h_shared, run(shared_expert_ref, x, sg, su, sd)) < TOL[dtype]
+
+
+def test_shared_expert_contract():
+    x, experts, w_gate_up, w_down = moe_inputs(2, 2, 8, 64, 32, jnp.float32)
+    w = jnp.zeros((64, 48), x.dtype)  # Fs = 48 > F = 32
+    with pytest.raises(ValueError, match="Fs <= F=32"):
+        moe_experts_decode(
+            x, experts, w_gate_up, w_down, shared=(w, w, w.T), interpret=INTERPRET, blocks=SMALL
+        )
+    assert shared_tile_applies(64, 32, 64, SMALL) and not shared_tile_applies(32, 48, 64, SMALL)
+    assert not shared_tile_applies(64, 24, 64, SMALL)  # not a multiple of block_f = 16
 
 
 def test_off_device_ids_give_zero_rows():

@@ -54,16 +54,18 @@ def test_pallas_takes_the_grouped_gemm_above_64_tokens(moe_inputs):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_scanned_model_reads_expert_stacks_in_place():
+@pytest.mark.parametrize("shared_ffw", [48, 32])
+def test_scanned_model_reads_expert_stacks_in_place(shared_ffw):
     """8 layers = 2 scanned repeats of [GDN x3, attention]: the routed experts stay whole
     [L, E, ...] inside the scan and every path picks the layer by index; all equal the dense
-    reference (the Pallas kernel in interpret mode)."""
+    reference (the Pallas kernel in interpret mode). A shared expert no wider than the routed
+    ones (32 <= F = 32) is the decode kernels' extra tile; a wider one (48) runs apart."""
     from flax import nnx
 
     from qnext_jax.config import RuntimeOptions, tiny_config
     from qnext_jax.model import Qwen3NextForCausalLM
 
-    cfg = tiny_config(num_hidden_layers=8)
+    cfg = tiny_config(num_hidden_layers=8, shared_expert_intermediate_size=shared_ffw)
     ids = jax.random.randint(jax.random.key(0), (2, 5), 0, cfg.vocab_size)
 
     def logits(impl):

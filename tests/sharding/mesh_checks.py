@@ -291,3 +291,31 @@ def test_shared_expert_rides_the_expert_psum():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
         assert sharding.shared_expert_joins_psum(sharding.make_mesh(CFG, 8, ep), 48) == (ep == 8)
         assert n == reduces, (ep, n)
+
+
+def test_shared_expert_tile_per_device():
+    """With the Pallas decode kernels on 2 devices (EP = 2, the shared expert's 64 columns
+    split 32 / 32, no wider than the routed F = 32), each device runs its half of the shared
+    expert as one more tile of its routed kernels: equal to the unsharded dense layer, one
+    all-reduce."""
+    from pallas_kernels.moe import shared_tile_applies
+    from qnext_jax.moe import SparseMoE
+
+    cfg = dataclasses.replace(CFG, shared_expert_intermediate_size=64)
+    assert shared_tile_applies(cfg.moe_intermediate_size, 32, cfg.hidden_size)
+    x = jax.random.normal(jax.random.key(8), (2, 3, cfg.hidden_size))
+
+    def layer(mesh, impl):
+        opts = dataclasses.replace(OPTS, mesh=mesh, moe_impl=impl, linear_impl="xla")
+        moe = SparseMoE(cfg, opts, dtype=jnp.float32, rngs=nnx.Rngs(6))
+        if mesh is not None:
+            sharding.shard_params(moe, mesh=mesh, cfg=cfg)
+        graphdef, state = nnx.split(moe)
+        fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+        hlo = fn.lower(state, x).compile().as_text()
+        return np.asarray(fn(state, x)), hlo.count(" all-reduce(") + hlo.count(" all-reduce-start(")
+
+    want, _ = layer(None, "dense")
+    got, n = layer(sharding.make_mesh(cfg, 2), "pallas")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert n == 1
