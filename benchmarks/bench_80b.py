@@ -141,7 +141,14 @@ def decode_case(model, mesh, tp, batch, context, block, reps, profile, vocab, ta
 
 def profile_decode(engine, block: int):
     """Per-step kernel time by component on device 0, from one profiled block."""
-    args = (engine.params, engine.cache, engine.slots, block, engine.cfg.decode_block)
+    args = (
+        engine.params,
+        engine.cache,
+        engine.slots,
+        block,
+        engine.cfg.decode_block,
+        engine.all_greedy(),
+    )
     return profile_program(engine._decode, args, lambda: engine.step(block=block), steps=block)
 
 

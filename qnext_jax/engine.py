@@ -143,6 +143,11 @@ class Engine:
         )
 
     # ---- public ------------------------------------------------------------------------
+    def all_greedy(self) -> bool:
+        """Whether every running request is greedy: the decode program then leaves the
+        sampling out (a static argument of the jitted block)."""
+        return all(r.params.greedy for r in self.running.values())
+
     def add_request(
         self,
         prompt_ids: list[int],
@@ -215,9 +220,8 @@ class Engine:
         if block is None and any(r.first_token_time is None for r in self.running.values()):
             block = 1
         n = block or self.cfg.decode_block
-        greedy = all(r.params.greedy for r in self.running.values())
         self.cache, self.slots, out = self._decode(
-            self.params, self.cache, self.slots, n, self.cfg.decode_block, greedy
+            self.params, self.cache, self.slots, n, self.cfg.decode_block, self.all_greedy()
         )
         out = np.asarray(out)  # [B, block * (k+1)]; -1 where a row produced nothing
         if self.k:
