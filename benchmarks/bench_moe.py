@@ -13,7 +13,8 @@ XLA bf16 matmul ceiling, 770 TFLOP/s (shared/spec/anchors.md). Times: the median
 calls of one jitted program that runs the layer `inner` times back to back (so host dispatch
 is amortised), per call. --sweep times a few prefill block shapes at N = 8K; --rows-sweep the
 decode result paths (MoEBlocks.y_by_pair; at N = 1 also one_token_tiles) at N = 1 / 8 / 16 /
-64; --decode-sweep the decode kernels' block shapes and split_d at N = 1 and 8, with all 512
+64; --prefill-rows the prefill row paths (MoEBlocks.x_by_token, prefill_y_by_pair);
+--decode-sweep the decode kernels' block shapes and split_d at N = 1 and 8, with all 512
 experts on this device and with half of them (the other half's ids held elsewhere, as under
 2-way expert parallelism: ~5 of one token's 10 experts are local).
 """
@@ -122,6 +123,11 @@ def main():
         action="store_true",
         help="decode: block shapes and split_d at N = 1 / 8, E = 512 and 256 of 512 local",
     )
+    ap.add_argument(
+        "--prefill-rows",
+        action="store_true",
+        help="prefill: x read by token or copied, results stored by pair or gathered back",
+    )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args()
@@ -219,6 +225,27 @@ def main():
                 except Exception as e:  # a shape the compiler rejects (shared memory, ...)
                     line.append(f"failed ({type(e).__name__})")
             print(f"| {g or 'defaults'} | " + " | ".join(line) + " |", flush=True)
+
+    if args.prefill_rows:
+        print("\nprefill row paths, ms per call (x: grouped copy or read by token; results:"
+              " gathered back or stored by pair):")  # fmt: skip
+        paths = [
+            ("copy, gathered", False, False),
+            ("by token, gathered", True, False),
+            ("copy, by pair", False, True),
+            ("by token, by pair", True, True),
+        ]
+        print("| case | " + " | ".join(p[0] for p in paths) + " |")
+        print("|---|" + "---|" * len(paths))
+        cases = [(64, E, E // 2)] if dry else [(1024, E, E // 2), (8192, E, E // 2), (16384, E, E)]
+        for N, E_all, E_here in cases:
+            a = inputs(N, E_all, E_here, D, F, k)
+            line = []
+            for _, by_token, by_pair in paths:
+                b = dataclasses.replace(pre_blocks, x_by_token=by_token, prefill_y_by_pair=by_pair)
+                fn = functools.partial(moe_experts_prefill, blocks=b, **interp)
+                line.append(f"{time_per_call(fn, a, inner, max(reps, 7)) * 1e3:.3f}")
+            print(f"| N={N}, {E_here}/{E_all} local | " + " | ".join(line) + " |", flush=True)
 
     if args.sweep:
         N = 64 if dry else 8192

@@ -78,6 +78,11 @@ class MoEBlocks:
     # One token's k ids are k distinct experts (top-k), so at N = 1 each pair is its own tile
     # and the grouping ops are skipped (`_one_tile_per_pair`).
     one_token_tiles: bool = True
+    # gate_up reads x's rows by token instead of from a grouped copy made by one XLA gather
+    # (the copy holds every pair's row, those of experts on other devices too).
+    x_by_token: bool = False
+    # Prefill: down stores each result at its pair's row (as y_by_pair for decode sizes).
+    prefill_y_by_pair: bool = False
 
 
 # Prefill: tiles of 64 rows, 64-wide reduction chunks, 3 stages. An H200 sweep at 8K tokens
@@ -93,10 +98,12 @@ def _tile(tile_refs, s):
     return tile_refs[0][s], tile_refs[1][s], start
 
 
-def _gate_up_kernel(*refs, rows, block_f, block_d, n_tile_refs, split, shared):
+def _gate_up_kernel(*refs, rows, block_f, block_d, n_tile_refs, split, shared, by_token):
     # tile refs [U] int32, expert, count and start: slot s runs expert e on the grouped rows
     #   [start, start + cnt) (cnt = 0: an empty slot); without start, slot s is row s
-    # x_ref [P, D] grouped rows (R spare rows at the end)
+    # x_ref [P, D] grouped rows (R spare rows at the end); with `by_token`, token_ref [P]
+    #   int32 (each grouped row's token) first and x_ref [N, D] the tokens themselves, read
+    #   row by row
     # w_ref [E, D, 2F] gate | up
     # with `shared` = (tile u, rows n): layer_ref [1] int32, sg_ref / su_ref [L, D, Fs], the
     #   shared expert's gate and up: tile u (past the routed ones) runs it on the n rows from
@@ -106,6 +113,7 @@ def _gate_up_kernel(*refs, rows, block_f, block_d, n_tile_refs, split, shared):
     # fp32 partial sums of gate and up in h_ref [split, P, 2F] (the caller adds the parts
     # and applies SwiGLU).
     tile_refs, refs = refs[:n_tile_refs], refs[n_tile_refs:]
+    token_ref, refs = (refs[0], refs[1:]) if by_token else (None, refs)
     if shared:
         x_ref, w_ref, layer_ref, sg_ref, su_ref, h_ref = refs
     else:
@@ -118,10 +126,17 @@ def _gate_up_kernel(*refs, rows, block_f, block_d, n_tile_refs, split, shared):
 
     def run(start, cnt, load_w):
         mine = (jnp.arange(rows) < cnt)[:, None]  # [R, 1]: rows past cnt are the next expert's
+        if by_token:
+            tokens = token_ref[pl.ds(start, rows)][:, None]  # [R, 1]
 
         def body(i, acc):
-            d = pl.ds(pl.multiple_of((first + i) * block_d, block_d), block_d)
-            xs = plt.load(x_ref.at[pl.ds(start, rows), d], mask=mine, other=0)  # [R, BD]
+            d0 = pl.multiple_of((first + i) * block_d, block_d)
+            d = pl.ds(d0, block_d)
+            if by_token:
+                cols = (d0 + jnp.arange(block_d))[None, :]
+                xs = plt.load(x_ref.at[tokens, cols], mask=mine, other=0)  # [R, BD]
+            else:
+                xs = plt.load(x_ref.at[pl.ds(start, rows), d], mask=mine, other=0)  # [R, BD]
             wg, wu = (w.astype(xs.dtype) for w in load_w(d))  # [BD, BF] each
             acc_g, acc_u = acc
             acc_g += jnp.dot(xs, wg, preferred_element_type=jnp.float32)
@@ -144,9 +159,8 @@ def _gate_up_kernel(*refs, rows, block_f, block_d, n_tile_refs, split, shared):
 
         @pl.when((s == u) & (f < Fs // block_f))
         def _shared():
-            run(
-                x_ref.shape[0] - rows, n, lambda d: (sg_ref[layer, d, gate], su_ref[layer, d, gate])
-            )
+            start = h_ref.shape[-2] - rows  # P - R
+            run(start, n, lambda d: (sg_ref[layer, d, gate], su_ref[layer, d, gate]))
 
     e, cnt, start = _tile(tile_refs, s)  # the shared tile's slot is an empty routed one
 
@@ -355,6 +369,8 @@ def _grouped_experts(
     else:
         shared_tile = None
     identity = order is None  # grouped row j is pair j: every row is the one token's
+    by_token = blocks.x_by_token and not identity
+    token = ()
     if identity:
         # (gate_up reading x's one row and broadcasting it in registers ran at half speed:
         # 22 vs 11 us per layer on the 80B at batch 1)
@@ -362,11 +378,13 @@ def _grouped_experts(
     else:
         # spare rows: the tokens in order (the shared tile's rows), then the last token
         spare = jnp.minimum(jnp.arange(rows, dtype=jnp.int32), N - 1)
-        token = jnp.concatenate([order // k, spare])
-        # a gather, not a scatter of x into grouped order (a scatter kernel was 10 us per
-        # layer at 64 tokens; reading x by token inside gate_up was slower still: 47 vs
-        # 40.5 us per call at 1 token, 0.76 vs 0.68 ms at 64)
-        x_grouped = jnp.take(x, token, axis=0)
+        token = (jnp.concatenate([order // k, spare]),)
+        # by_token: gate_up reads x's rows by token; else a grouped copy by one gather, not
+        # a scatter of x into grouped order (a scatter kernel was 10 us per layer at 64
+        # tokens; reading by token was slower at decode sizes: 47 vs 40.5 us per call at 1
+        # token, 0.76 vs 0.68 ms at 64)
+        x_grouped = x if by_token else jnp.take(x, token[0], axis=0)
+        token = token if by_token else ()
     # spare rows store to rows M, M + 1, ...: distinct and never read
     y_rows = (jnp.concatenate([order, jnp.arange(M, P, dtype=jnp.int32)]),) if y_by_pair else ()
 
@@ -385,9 +403,10 @@ def _grouped_experts(
             n_tile_refs=len(tiles),
             split=S,
             shared=shared_tile,
+            by_token=by_token,
         ),
         grid=(U, F // BF, S),
-        in_specs=[whole] * (len(tiles) + 2 + len(gate_up_extra)),
+        in_specs=[whole] * (len(tiles) + len(token) + 2 + len(gate_up_extra)),
         out_specs=whole,
         out_shape=jax.ShapeDtypeStruct((P, F), x.dtype)
         if S == 1
@@ -395,7 +414,7 @@ def _grouped_experts(
         compiler_params=compiler_params(blocks.num_warps, blocks.num_stages),
         interpret=interpret,
         name="moe_gate_up",
-    )(*tiles, x_grouped, w_gate_up, *gate_up_extra)
+    )(*tiles, *token, x_grouped, w_gate_up, *gate_up_extra)
     if S > 1:  # the parts' sums, then SwiGLU rounded to x's dtype as in the kernel
         gu = jnp.sum(h_grouped, axis=0)
         h_grouped = (jax.nn.silu(gu[:, :F]) * gu[:, F:]).astype(x.dtype)
@@ -497,6 +516,7 @@ def moe_experts_prefill(
     if BM < MIN_DOT or BM & (BM - 1):
         raise ValueError(f"block_m={BM} must be a power of 2 >= {MIN_DOT}")
     group = functools.partial(_group_by_sort, block_m=BM)
+    by_pair = blocks.prefill_y_by_pair
     return _grouped_experts(
-        x, experts, w_gate_up, w_down, layer, group, BM, blocks, interpret, False
+        x, experts, w_gate_up, w_down, layer, group, BM, blocks, interpret, by_pair
     )

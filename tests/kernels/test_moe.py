@@ -260,6 +260,27 @@ def test_prefill_matches_reference(N, k, E, D, F, dtype, off_device):
     assert rel_err(h, run(moe_experts_decode_ref, *args)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("x_by_token, prefill_y_by_pair", [(True, False), (False, True)])
+def test_rows_read_by_token_or_stored_by_pair(x_by_token, prefill_y_by_pair):
+    """gate_up reading x's rows by token (no grouped copy), and prefill's down storing each
+    result at its pair's row: prefill tiles with foreign ids, decode grouped tiles with the
+    shared expert's tile among them."""
+    blocks = dataclasses.replace(
+        SMALL_TILES, x_by_token=x_by_token, prefill_y_by_pair=prefill_y_by_pair
+    )
+    args = moe_inputs(40, 3, 8, 64, 32, jnp.float32, seed=12, off_device=0.2)
+    want = run(moe_experts_decode_ref, *args)
+    assert rel_err(_prefill(*args, blocks=blocks), want) < TOL[jnp.float32]
+    rng = np.random.default_rng(3)
+    sg, su = (jnp.asarray(rng.standard_normal((64, 32)) * 0.125, jnp.float32) for _ in range(2))
+    sd = jnp.asarray(rng.standard_normal((32, 64)) * 0.18, jnp.float32)
+    h, h_shared = run(
+        moe_experts_decode, *args, shared=(sg, su, sd), interpret=INTERPRET, blocks=blocks
+    )
+    assert rel_err(h, want) < TOL[jnp.float32]
+    assert rel_err(h_shared, run(shared_expert_ref, args[0], sg, su, sd)) < TOL[jnp.float32]
+
+
 def test_prefill_one_expert_takes_many_tiles_and_others_none():
     """50 tokens on expert 2 in slot 0 (4 tiles of 16, the last with 2 rows); the other slot
     spread; experts 6 and 7 untouched; id -1 and E give zero rows."""
