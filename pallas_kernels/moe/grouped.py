@@ -79,7 +79,9 @@ class MoEBlocks:
     # and the grouping ops are skipped (`_one_tile_per_pair`).
     one_token_tiles: bool = True
     # gate_up reads x's rows by token instead of from a grouped copy made by one XLA gather
-    # (the copy holds every pair's row, those of experts on other devices too).
+    # (the copy holds every pair's row, those of experts on other devices too). On for
+    # prefill (PREFILL_BLOCKS); at decode sizes the copy was faster (0.68 vs 0.76 ms per call
+    # at 64 tokens).
     x_by_token: bool = False
     # Prefill: down stores each result at its pair's row (as y_by_pair for decode sizes).
     prefill_y_by_pair: bool = False
@@ -87,8 +89,11 @@ class MoEBlocks:
 
 # Prefill: tiles of 64 rows, 64-wide reduction chunks, 3 stages. An H200 sweep at 8K tokens
 # (block_m 32-128, block_f 64-128, block_d 32-128, 4-8 warps, 3-4 stages) kept every shape
-# within 12% of this one (benchmarks/RESULTS.md).
-PREFILL_BLOCKS = MoEBlocks(block_d=64, block_fin=64, num_stages=3)
+# within 12% of this one (benchmarks/RESULTS.md). x read by token: no grouped copy of every
+# pair's row (foreign pairs' too), 8K tokens with 256 of 512 experts local 1.69 -> 1.36 ms
+# per layer, 16K with all 512 4.44 -> 3.91 ms. Results stored by pair measured the same as
+# gathered back (XLA fuses that gather into the combine).
+PREFILL_BLOCKS = MoEBlocks(block_d=64, block_fin=64, num_stages=3, x_by_token=True)
 
 
 def _tile(tile_refs, s):
