@@ -267,27 +267,30 @@ def test_sharded_loading(saved, fmt):
             np.testing.assert_array_equal(np.asarray(shard.data), want[path][shard.index])
 
 
+def moe_layer(cfg, mesh, x, seed, **opts):
+    """A SparseMoE layer (split over `mesh`, if any) applied to x: its output and the number of
+    all-reduces in its compiled program."""
+    from qnext_jax.moe import SparseMoE
+
+    moe = SparseMoE(
+        cfg, dataclasses.replace(OPTS, mesh=mesh, **opts), dtype=jnp.float32, rngs=nnx.Rngs(seed)
+    )
+    if mesh is not None:
+        sharding.shard_params(moe, mesh=mesh, cfg=cfg)
+    graphdef, state = nnx.split(moe)
+    fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    hlo = fn.lower(state, x).compile().as_text()
+    return np.asarray(fn(state, x)), hlo.count(" all-reduce(") + hlo.count(" all-reduce-start(")
+
+
 def test_shared_expert_rides_the_expert_psum():
     """With every device on the expert axis, a MoE layer needs one all-reduce (routed and
     shared partial sums together), not two; with tensor-axis replicas (EP < devices) the shared
     expert keeps its own. Both equal the unsharded layer."""
-    from qnext_jax.moe import SparseMoE
-
     x = jax.random.normal(jax.random.key(7), (3, 5, CFG.hidden_size))
-
-    def layer(mesh):
-        opts = dataclasses.replace(OPTS, mesh=mesh)
-        moe = SparseMoE(CFG, opts, dtype=jnp.float32, rngs=nnx.Rngs(5))
-        if mesh is not None:
-            sharding.shard_params(moe, mesh=mesh, cfg=CFG)
-        graphdef, state = nnx.split(moe)
-        fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-        hlo = fn.lower(state, x).compile().as_text()
-        return np.asarray(fn(state, x)), hlo.count(" all-reduce(") + hlo.count(" all-reduce-start(")
-
-    want, _ = layer(None)
+    want, _ = moe_layer(CFG, None, x, 5)
     for ep, reduces in ((8, 1), (2, 2)):
-        got, n = layer(sharding.make_mesh(CFG, 8, ep))
+        got, n = moe_layer(CFG, sharding.make_mesh(CFG, 8, ep), x, 5)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
         assert sharding.shared_expert_joins_psum(sharding.make_mesh(CFG, 8, ep), 48) == (ep == 8)
         assert n == reduces, (ep, n)
@@ -299,23 +302,12 @@ def test_shared_expert_tile_per_device():
     expert as one more tile of its routed kernels: equal to the unsharded dense layer, one
     all-reduce."""
     from pallas_kernels.moe import shared_tile_applies
-    from qnext_jax.moe import SparseMoE
 
     cfg = dataclasses.replace(CFG, shared_expert_intermediate_size=64)
     assert shared_tile_applies(cfg.moe_intermediate_size, 32, cfg.hidden_size)
     x = jax.random.normal(jax.random.key(8), (2, 3, cfg.hidden_size))
-
-    def layer(mesh, impl):
-        opts = dataclasses.replace(OPTS, mesh=mesh, moe_impl=impl, linear_impl="xla")
-        moe = SparseMoE(cfg, opts, dtype=jnp.float32, rngs=nnx.Rngs(6))
-        if mesh is not None:
-            sharding.shard_params(moe, mesh=mesh, cfg=cfg)
-        graphdef, state = nnx.split(moe)
-        fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-        hlo = fn.lower(state, x).compile().as_text()
-        return np.asarray(fn(state, x)), hlo.count(" all-reduce(") + hlo.count(" all-reduce-start(")
-
-    want, _ = layer(None, "dense")
-    got, n = layer(sharding.make_mesh(cfg, 2), "pallas")
+    want, _ = moe_layer(cfg, None, x, 6, moe_impl="dense")
+    mesh = sharding.make_mesh(cfg, 2)
+    got, n = moe_layer(cfg, mesh, x, 6, moe_impl="pallas", linear_impl="xla")
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert n == 1
