@@ -19,11 +19,13 @@ distinct experts need no grouping (one tile per pair). N = 1, k = 10 touches 10
 experts, 60 MiB, 14.6 us at 4.3 TB/s. H200, bf16, E=512, k=10, per call inside a jitted
 loop: N=1 40 us (the two kernels 15 + 11 us, the rest the grouping ops and launches) vs 64 us
 for the XLA gather of the touched experts; N=16 243 vs 660 us (floor 208); N=64 621 vs 2542 us
-(floor 533).
+(floor 533). The shared expert may ride along as one more tile of both kernels (its rows:
+the N tokens), so at decode sizes it launches nothing of its own.
 
 Prefill (`moe_experts_prefill`, any N) is a grouped matmul: the pairs are sorted by expert and
 each expert's run is cut into tiles of block_m rows, so an expert with c rows costs
-ceil(c / block_m) tiles and the padding is under one tile per touched expert. FLOPs:
+ceil(c / block_m) tiles and the padding is under one tile per touched expert; gate_up reads
+x's rows by token (no grouped copy). FLOPs:
 2 * N * k * 3 * D * F; the 8K-token chunk of the 80B geometry (k = 10) is 515 GFLOP per layer.
 (`jax.lax.ragged_dot` falls back to a dense matmul over every group on NVIDIA GPUs.)
 """
