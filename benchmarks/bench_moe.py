@@ -11,9 +11,10 @@ one GPU: the Pallas grouped GEMM vs the capacity-padded XLA grouped matmul). Flo
 the touched experts' bytes at 4.3 TB/s; prefill, the expert FLOPs of the local pairs at the
 XLA bf16 matmul ceiling, 770 TFLOP/s (shared/spec/anchors.md). Times: the median of `reps`
 calls of one jitted program that runs the layer `inner` times back to back (so host dispatch
-is amortised), per call. --sweep times a few prefill block shapes at N = 8K; --rows-sweep the
-decode result paths (MoEBlocks.y_by_pair; at N = 1 also one_token_tiles) at N = 1 / 8 / 16 /
-64; --prefill-rows the prefill row paths (MoEBlocks.x_by_token, prefill_y_by_pair);
+is amortised), per call. --sweep times a few prefill block shapes at N = 8K; --rows-sweep
+the decode row paths (grouped with results gathered back or stored by pair,
+MoEBlocks.y_by_pair; or a tile per pair, MoEBlocks.pair_tiles) at N = 1-16 over a stack of
+layers; --prefill-rows the prefill row paths (MoEBlocks.x_by_token, prefill_y_by_pair);
 --decode-sweep the decode kernels' block shapes and split_d at N = 1 and 8, with all 512
 experts on this device and with half of them (the other half's ids held elsewhere, as under
 2-way expert parallelism: ~5 of one token's 10 experts are local).
@@ -116,7 +117,7 @@ def main():
     ap.add_argument(
         "--rows-sweep",
         action="store_true",
-        help="decode: results stored by pair or gathered back",
+        help="decode: grouped (results gathered back or stored by pair) or a tile per pair",
     )
     ap.add_argument(
         "--decode-sweep",
@@ -171,19 +172,25 @@ def main():
         print(rows[-1], flush=True)
 
     if args.rows_sweep:
-        print("\ndecode result paths, ms per call, unrolled loop:")
-        for N in (1, 4) if dry else (1, 8, 16, 64):
-            a = inputs(N, E, E, D, F, k)
-            line = []
-            paths = [("gathered", (0, 0), False), ("stored by pair", (1, 64), False)]
-            if N == 1:
-                paths.append(("one tile per pair", (0, 0), True))
-            for name, by_pair, one_token in paths:
-                b = dataclasses.replace(dec_blocks, y_by_pair=by_pair, one_token_tiles=one_token)
-                fn = functools.partial(moe_experts_decode, blocks=b, **interp)
-                ms = time_per_call(fn, a, inner, reps, unroll=True) * 1e3
-                line.append(f"{name}: {ms:.4f}")
-            print(f"  N={N}: " + " | ".join(line), flush=True)
+        L = 2 if dry else 8
+        print(f"\ndecode row paths, us per layer ({L} layers' experts, each its own ids):")
+        paths = [
+            ("grouped, gathered", dict(y_by_pair=(0, 0), pair_tiles=0)),
+            ("grouped, stored by pair", dict(y_by_pair=(1, 64), pair_tiles=0)),
+            ("a tile per pair", dict(pair_tiles=64)),
+        ]
+        print("| tokens, local experts | " + " | ".join(p[0] for p in paths) + " |")
+        print("|---|" + "---|" * len(paths))
+        for E_here in (E // 2, E):
+            stack = layer_stack(L, E, E_here, D, F, k)
+            for N in (1, 4) if dry else (1, 2, 4, 8, 16):
+                line = []
+                for _, change in paths:
+                    b = dataclasses.replace(dec_blocks, **change)
+                    fn = functools.partial(moe_experts_decode, blocks=b, **interp)
+                    line.append(f"{time_layers(fn, N, *stack, reps) * 1e6:.1f}")
+                print(f"| N={N}, {E_here}/{E} | " + " | ".join(line) + " |", flush=True)
+            del stack
 
     if args.decode_sweep:
         grid = [

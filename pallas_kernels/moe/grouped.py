@@ -77,9 +77,11 @@ class MoEBlocks:
     # (benchmarks/bench_moe.py --rows-sweep): 8 tokens 178 -> 163 us; 1 token 40.5 -> 47 us,
     # 16 tokens 258 -> 266 us, 64 tokens 684 -> 680 us.
     y_by_pair: tuple[int, int] = (2, 8)
-    # One token's k ids are k distinct experts (top-k), so at N = 1 each pair is its own tile
-    # and the grouping ops are skipped (`_one_tile_per_pair`).
-    one_token_tiles: bool = True
+    # Batches of at most pair_tiles tokens run each (token, slot) pair as its own tile and skip
+    # the grouping ops (`_one_tile_per_pair`; 0: always grouped). One token's k ids are k
+    # distinct experts, so at N = 1 nothing is read twice; with more tokens an expert two of
+    # them share is read once per pair.
+    pair_tiles: int = 1
     # gate_up reads x's rows by token instead of from a grouped copy made by one XLA gather
     # (the copy holds every pair's row, those of experts on other devices too). On for
     # prefill (PREFILL_BLOCKS); at decode sizes the copy was faster (0.68 vs 0.76 ms per call
@@ -255,10 +257,9 @@ def _group_by_expert(experts, E: int):
 
 
 def _one_tile_per_pair(experts, E: int):
-    """Grouping of a single token (N = 1): its k ids are distinct, so pair j is tile j on
-    grouped row j (pos and order the identity, returned as None; tiles (expert, count) with no
-    start); ids outside [0, E) give an empty tile. No grouping ops: at N = 1 they were most of
-    the layer's small kernels."""
+    """No grouping: pair j (token j // k) is tile j on grouped row j (pos and order the
+    identity, returned as None; tiles (expert, count) with no start); ids outside [0, E) give
+    an empty tile. No grouping ops: at N = 1 they were most of the layer's small kernels."""
     flat = experts.reshape(-1).astype(jnp.int32)
     here = (flat >= 0) & (flat < E)
     return None, None, (jnp.where(here, flat, 0), here.astype(jnp.int32))
@@ -345,7 +346,8 @@ def _grouped_experts(
     copy of x (one XLA gather). y_by_pair: down stores each row's result at its pair's row
     (token-major), else at its grouped row and one XLA gather puts the results back in pair
     order. A grouping that returns pos = order = None (`_one_tile_per_pair`, one token) needs
-    neither: the grouped rows are already in pair order and x's copy is a broadcast.
+    neither: the grouped rows are already in pair order, and x is a broadcast of the one
+    token or read by token.
     shared: one more tile, past the routed ones, runs the shared expert on the N tokens,
     which are the first spare rows of x's copy (rows M .. M + N)."""
     L, per_layer = _check_stack(w_gate_up, w_down, layer)
@@ -375,17 +377,21 @@ def _grouped_experts(
         U += 1
     else:
         shared_tile = None
-    identity = order is None  # grouped row j is pair j: every row is the one token's
-    by_token = blocks.x_by_token and not identity
+    identity = order is None  # grouped row j is pair j (token j // k)
+    # x by token where asked for, and for pair tiles of several tokens (their rows' tokens
+    # are static: no copy of x at all)
+    by_token = (blocks.x_by_token or identity) and N > 1
     token = ()
-    if identity:
+    if identity and N == 1:
         # (gate_up reading x's one row and broadcasting it in registers ran at half speed:
         # 22 vs 11 us per layer on the 80B at batch 1)
         x_grouped, y_by_pair = jnp.broadcast_to(x, (P, x.shape[1])), False
     else:
         # spare rows: the tokens in order (the shared tile's rows), then the last token
         spare = jnp.minimum(jnp.arange(rows, dtype=jnp.int32), N - 1)
-        token = (jnp.concatenate([order // k, spare]),)
+        pair_token = jnp.arange(M, dtype=jnp.int32) // k if identity else order // k
+        token = (jnp.concatenate([pair_token, spare]),)
+        y_by_pair = y_by_pair and not identity  # pair tiles store at their pairs' rows anyway
         # by_token: gate_up reads x's rows by token; else a grouped copy by one gather, not
         # a scatter of x into grouped order (a scatter kernel was 10 us per layer at 64
         # tokens; reading by token was slower at decode sizes: 47 vs 40.5 us per call at 1
@@ -497,7 +503,7 @@ def moe_experts_decode(
         )
     R = max(MIN_DOT, pl.next_power_of_2(N))
     by_pair = blocks.y_by_pair[0] <= N <= blocks.y_by_pair[1]
-    group = _one_tile_per_pair if N == 1 and blocks.one_token_tiles else _group_by_expert
+    group = _one_tile_per_pair if N <= blocks.pair_tiles else _group_by_expert
     return _grouped_experts(
         x, experts, w_gate_up, w_down, layer, group, R, blocks, interpret, by_pair, shared
     )

@@ -85,14 +85,15 @@ def test_results_by_pair_or_gathered_agree(y_by_pair):
     assert rel_err(h, run(moe_experts_decode_ref, *args)) < TOL[jnp.float32]
 
 
-@pytest.mark.parametrize("one_token_tiles", [False, True])
-def test_one_token_tiles_or_grouped(one_token_tiles):
-    """A single token: its pairs as tiles directly, or through the general grouping; foreign
-    ids (== E, negative) among them give zero rows either way, with the weights stacked."""
-    x, experts, w_gate_up, w_down = moe_inputs(1, 4, 8, 64, 32, jnp.float32, seed=4)
+@pytest.mark.parametrize("N, pair_tiles", [(1, 0), (1, 1), (5, 8)])
+def test_pair_tiles_or_grouped(N, pair_tiles):
+    """Each pair its own tile (one token; five tokens sharing experts), or the general
+    grouping; foreign ids (== E, negative) among them give zero rows either way, with the
+    weights stacked."""
+    x, experts, w_gate_up, w_down = moe_inputs(N, 4, 8, 64, 32, jnp.float32, seed=4)
     experts = experts.at[0, 1].set(8).at[0, 3].set(-1)
     stack_gu, stack_d = jnp.stack([w_gate_up * 0.5, w_gate_up]), jnp.stack([w_down, w_down])
-    blocks = dataclasses.replace(SMALL, one_token_tiles=one_token_tiles)
+    blocks = dataclasses.replace(SMALL, pair_tiles=pair_tiles)
     h = run(
         moe_experts_decode, x, experts, stack_gu, stack_d, 1, interpret=INTERPRET, blocks=blocks
     )
@@ -115,16 +116,17 @@ def test_gate_up_reduction_split_across_programs(N):
 
 
 @pytest.mark.parametrize(
-    "N, one_token_tiles, y_by_pair, split_d, stacked, dtype",
+    "N, pair_tiles, y_by_pair, split_d, stacked, dtype",
     [
-        (1, True, (2, 8), 1, True, jnp.float32),  # one tile per pair
-        (1, False, (0, 0), 1, False, jnp.float32),  # grouped, gathered back
-        (5, False, (2, 8), 1, True, jnp.bfloat16),  # stored by pair
-        (17, False, (0, 0), 2, True, jnp.float32),  # R = 32, gate_up split in parts
-        (3, False, (2, 8), 1, "routed only", jnp.float32),  # a whole shared expert, layer 1
+        (1, 1, (2, 8), 1, True, jnp.float32),  # one tile per pair
+        (6, 8, (2, 8), 1, True, jnp.float32),  # one tile per pair, six tokens
+        (1, 0, (0, 0), 1, False, jnp.float32),  # grouped, gathered back
+        (5, 0, (2, 8), 1, True, jnp.bfloat16),  # stored by pair
+        (17, 0, (0, 0), 2, True, jnp.float32),  # R = 32, gate_up split in parts
+        (3, 0, (2, 8), 1, "routed only", jnp.float32),  # a whole shared expert, layer 1
     ],
 )
-def test_shared_expert_as_an_extra_tile(N, one_token_tiles, y_by_pair, split_d, stacked, dtype):
+def test_shared_expert_as_an_extra_tile(N, pair_tiles, y_by_pair, split_d, stacked, dtype):
     """The shared expert (Fs = 32 < F = 64) as one more tile of both kernels: the routed
     result unchanged, the shared one equal to its reference, for each way of grouping the rows
     and storing the results; stacked weights read at the layer (the shared expert's may be
@@ -133,9 +135,7 @@ def test_shared_expert_as_an_extra_tile(N, one_token_tiles, y_by_pair, split_d, 
     rng = np.random.default_rng(N + 1)
     sg, su = (jnp.asarray(rng.standard_normal((64, 32)) * 64**-0.5, dtype) for _ in range(2))
     sd = jnp.asarray(rng.standard_normal((32, 64)) * 32**-0.5, dtype)
-    blocks = dataclasses.replace(
-        SMALL, one_token_tiles=one_token_tiles, y_by_pair=y_by_pair, split_d=split_d
-    )
+    blocks = dataclasses.replace(SMALL, pair_tiles=pair_tiles, y_by_pair=y_by_pair, split_d=split_d)
     args, shared, layer = (x, experts, w_gate_up, w_down), (sg, su, sd), None
     if stacked:  # layer 1 of 2; the other layer's weights differ
         args = (x, experts, jnp.stack([w_gate_up * 0.5, w_gate_up]), jnp.stack([w_down] * 2))
