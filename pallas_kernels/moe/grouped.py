@@ -14,8 +14,9 @@ so the tiles of one expert run side by side and share each weight block through 
 Decode (`moe_experts_decode`, N <= 64 tokens) is bound by reading expert weights: one expert
 is 3 * D * F bf16 values (6 MiB at D=2048, F=512), and N tokens touch at most min(E, N * k)
 experts. Each touched expert is one tile of R = next power of two >= N rows (at least 16, the
-smallest tl.dot shape), grouped by compare-and-count without a sort; a single token's k
-distinct experts need no grouping (one tile per pair). N = 1, k = 10 touches 10
+smallest tl.dot shape), grouped by compare-and-count without a sort; batches of up to 16
+tokens are not grouped at all: each (token, slot) pair is its own tile (an expert two tokens
+share is then read twice, which cost less than the grouping ops). N = 1, k = 10 touches 10
 experts, 60 MiB, 14.6 us at 4.3 TB/s. H200, bf16, E=512, k=10, per call inside a jitted
 loop: N=1 40 us (the two kernels 15 + 11 us, the rest the grouping ops and launches) vs 64 us
 for the XLA gather of the touched experts; N=16 243 vs 660 us (floor 208); N=64 621 vs 2542 us
@@ -72,16 +73,20 @@ class MoEBlocks:
     # (the most that divide D / block_d evenly): more programs in flight when few experts are
     # touched; the fp32 parts are added and SwiGLU applied by XLA between the two kernels.
     split_d: int = 1
-    # Decode batches of y_by_pair[0] .. y_by_pair[1] tokens skip the gather of the results
-    # back to pair order: down stores each result at its pair's row. H200, E=512, one call
-    # (benchmarks/bench_moe.py --rows-sweep): 8 tokens 178 -> 163 us; 1 token 40.5 -> 47 us,
-    # 16 tokens 258 -> 266 us, 64 tokens 684 -> 680 us.
+    # Grouped decode batches of y_by_pair[0] .. y_by_pair[1] tokens skip the gather of the
+    # results back to pair order: down stores each result at its pair's row. H200, E=512, one
+    # call (benchmarks/bench_moe.py): 8 tokens 178 -> 163 us; 1 token 40.5 -> 47 us, 16
+    # tokens 258 -> 266 us, 64 tokens 684 -> 680 us. (Below pair_tiles no batch is grouped.)
     y_by_pair: tuple[int, int] = (2, 8)
     # Batches of at most pair_tiles tokens run each (token, slot) pair as its own tile and skip
     # the grouping ops (`_one_tile_per_pair`; 0: always grouped). One token's k ids are k
     # distinct experts, so at N = 1 nothing is read twice; with more tokens an expert two of
-    # them share is read once per pair.
-    pair_tiles: int = 1
+    # them share is read once per pair. H200, us per layer over a stack of 8 layers, 256 of
+    # 512 experts local (bench_moe.py --rows-sweep), grouped (best of gathered / by pair) vs a
+    # tile per pair: N=2 43.2 -> 34.7, N=8 82.1 -> 76.8, N=16 130.0 -> 127.2; with all 512
+    # local N=8 136.3 -> 133.0. Not measured above 16 tokens, where shared experts (hence
+    # repeated reads) grow.
+    pair_tiles: int = 16
     # gate_up reads x's rows by token instead of from a grouped copy made by one XLA gather
     # (the copy holds every pair's row, those of experts on other devices too). On for
     # prefill (PREFILL_BLOCKS); at decode sizes the copy was faster (0.68 vs 0.76 ms per call
