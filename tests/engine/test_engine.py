@@ -118,6 +118,14 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(base_model):
         base_model, prompts[:1], SamplingParams(max_tokens=16, temperature=1e-6, seed=1)
     )
     assert cold == greedy
+    # A greedy request batched with a sampled one runs in the program with the sampling in
+    # it (Engine.all_greedy is False): its tokens are still the greedy ones, and the sampled
+    # request's are its own.
+    mixed, _, engine = run(
+        base_model, prompts[:2], [SamplingParams(max_tokens=16, temperature=0.0), a]
+    )
+    assert mixed[0] == greedy[0] and mixed[1] == first[1]
+    assert engine.compiles["decode", engine.cfg.decode_block] == 1  # one program: mixed
 
 
 def test_stop_token_ids_min_tokens_and_max_tokens(base_model):

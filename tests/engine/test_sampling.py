@@ -55,3 +55,6 @@ def test_sampling_frequencies_match_the_distribution():
         jnp.zeros((B,), jnp.int32),
     )
     assert set(np.asarray(greedy).tolist()) == {0}
+    zeros = (jnp.zeros((B, 3), jnp.int32), jnp.zeros((B, 3), bool), jnp.zeros((B,), jnp.int32))
+    only = sample(logits, r, *zeros, greedy_only=True)  # the caller vouches: argmax alone
+    assert set(np.asarray(only).tolist()) == {0}
