@@ -668,21 +668,15 @@ def _routed_experts(
     here = (experts >= 0) & (experts < E)  # [N,k]
     h_shared = None
     if impl == "pallas":  # reads a stacked [L, E, ...] in place; foreign ids give zero rows
-        moe = "pallas_kernels.moe"
-        if x.shape[0] <= _kernel(moe, "MAX_TOKENS"):
-            kernel = _kernel(moe, "moe_experts_decode")
-            D, F = w_gate_up.shape[-2], w_gate_up.shape[-1] // 2
-            if shared is not None and _kernel(moe, "shared_tile_applies")(
-                F, shared[0].shape[-1], D
-            ):
-                h, h_shared = kernel(
-                    x, experts, w_gate_up, w_down, layer, shared=shared[:3], interpret=not on_gpu()
-                )
-            else:
-                h = kernel(x, experts, w_gate_up, w_down, layer, interpret=not on_gpu())
-        else:
-            kernel = _kernel(moe, "moe_experts_prefill")
-            h = kernel(x, experts, w_gate_up, w_down, layer, interpret=not on_gpu())
+        moe, kw = "pallas_kernels.moe", dict(interpret=not on_gpu())
+        decode = x.shape[0] <= _kernel(moe, "MAX_TOKENS")
+        kernel = _kernel(moe, "moe_experts_decode" if decode else "moe_experts_prefill")
+        fits = _kernel(moe, "shared_tile_applies")
+        if decode and shared is not None and fits(w_gate_up.shape[-1] // 2, shared[0].shape[-1]):
+            kw["shared"] = shared[:3]  # one more tile of the decode kernels
+        h = kernel(x, experts, w_gate_up, w_down, layer, **kw)
+        if "shared" in kw:
+            h, h_shared = h
     else:
         if layer is not None:
             w_gate_up = jax.lax.dynamic_index_in_dim(w_gate_up, layer, 0, keepdims=False)

@@ -73,12 +73,12 @@ def accept(logits, drafts, state, key_step, block_stops, *, greedy_only: bool = 
     target = jnp.argmax(processed, axis=-1).astype(jnp.int32)  # greedy targets [B, T]
     greedy = state.sampler.temperature < GREEDY_EPS
 
-    def greedy_rule(_):
+    def greedy_rule():
         ok = drafts == target[:, :k]
         a = jnp.sum(jnp.cumprod(ok, axis=1), axis=1)
         return a, target
 
-    def with_sampling(_):
+    def with_sampling():
         probs = jax.nn.softmax(filter_logits(processed.reshape(B * T, V), rows), axis=-1)
         probs = probs.reshape(B, T, V)
         keys = jax.vmap(jax.random.fold_in)(state.sampler.key, key_step)
@@ -98,7 +98,7 @@ def accept(logits, drafts, state, key_step, block_stops, *, greedy_only: bool = 
         emitted = emitted.at[jnp.arange(B), a].set(last)
         return a, emitted
 
-    return greedy_rule(None) if greedy_only else with_sampling(None)
+    return greedy_rule() if greedy_only else with_sampling()
 
 
 def draft(model, cache, hidden, emitted, pos, a, active, k):

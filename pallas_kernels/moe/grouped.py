@@ -313,30 +313,31 @@ def _check_stack(w_gate_up, w_down, layer):
     return L, [jax.ShapeDtypeStruct(w.shape[stacked:], w.dtype) for w in (w_gate_up, w_down)]
 
 
-def _check_shared(shared, L, D, F, layer, BF, BFin):
+def shared_tile_applies(F: int, Fs: int, blocks: MoEBlocks = MoEBlocks()) -> bool:
+    """Whether `moe_experts_decode` can run a shared expert of width Fs beside routed experts
+    of width F as its extra tile: Fs <= F and a multiple of the F blocks of both kernels."""
+    BF = dot_block("block_f", blocks.block_f, F, "F")
+    BFin = dot_block("block_fin", blocks.block_fin, F, "F")
+    return 0 < Fs <= F and Fs % BF == 0 and Fs % BFin == 0
+
+
+def _check_shared(shared, L, D, F, layer, blocks):
     """The shared expert's (w_gate [D, Fs], w_up [D, Fs], w_down [Fs, D]), each whole or
     stacked over the routed stack's L layers ([L, ...], with `layer`), as [L, ...] stacks
-    (a reshape: no copy); ValueError unless Fs <= F and Fs divides into the kernels' blocks."""
+    (a reshape: no copy); ValueError unless the shapes match and `shared_tile_applies`."""
     w_gate, w_up, w_down = shared
     stacked = layer is not None and w_gate.ndim == 3
     lead = (L,) if stacked else ()
     Fs = w_gate.shape[-1]
     want = ((*lead, D, Fs), (*lead, D, Fs), (*lead, Fs, D))
     got = tuple(tuple(w.shape) for w in shared)
-    if got != want or Fs > F or Fs % BF or Fs % BFin:
+    if got != want or not shared_tile_applies(F, Fs, blocks):
         raise ValueError(
             f"shared (w_gate, w_up, w_down) must be {want} (stacked like the routed experts "
-            f"or whole) with Fs <= F={F} and Fs a multiple of block_f={BF} and block_fin="
-            f"{BFin}, got {got}"
+            f"or whole) with Fs <= F={F} and Fs a multiple of block_f and block_fin "
+            f"({blocks.block_f}, {blocks.block_fin}, capped to F), got {got}"
         )
     return stacked, tuple(w if stacked else w[None] for w in shared)
-
-
-def shared_tile_applies(F: int, Fs: int, D: int, blocks: MoEBlocks = MoEBlocks()) -> bool:
-    """Whether `moe_experts_decode` can run a shared expert of width Fs as its extra tile."""
-    BF = min(blocks.block_f, F & -F)
-    BFin = min(blocks.block_fin, F & -F)
-    return 0 < Fs <= F and Fs % BF == 0 and Fs % BFin == 0
 
 
 def _grouped_experts(
@@ -350,9 +351,9 @@ def _grouped_experts(
     from any start stays inside; their loads and stores are masked), gate_up reading a grouped
     copy of x (one XLA gather). y_by_pair: down stores each row's result at its pair's row
     (token-major), else at its grouped row and one XLA gather puts the results back in pair
-    order. A grouping that returns pos = order = None (`_one_tile_per_pair`, one token) needs
-    neither: the grouped rows are already in pair order, and x is a broadcast of the one
-    token or read by token.
+    order. A grouping that returns pos = order = None (`_one_tile_per_pair`, up to
+    `pair_tiles` tokens) needs neither: the grouped rows are already in pair order, and x is
+    a broadcast of the one token or read by token.
     shared: one more tile, past the routed ones, runs the shared expert on the N tokens,
     which are the first spare rows of x's copy (rows M .. M + N)."""
     L, per_layer = _check_stack(w_gate_up, w_down, layer)
@@ -374,7 +375,7 @@ def _grouped_experts(
     U, P = tiles[0].shape[0], M + rows
     extra = ()  # the shared expert's operands, after each kernel's own
     if shared is not None:
-        stacked, (sg, su, sd) = _check_shared(shared, L, D, F, layer, BF, BFin)
+        stacked, (sg, su, sd) = _check_shared(shared, L, D, F, layer, blocks)
         # one more, empty, routed tile: the shared expert's slot
         tiles = tuple(jnp.pad(t, (0, 1)) for t in tiles)
         shared_layer = layer_index if stacked else jnp.zeros((), jnp.int32)

@@ -157,8 +157,8 @@ def test_shared_expert_contract():
         moe_experts_decode(
             x, experts, w_gate_up, w_down, shared=(w, w, w.T), interpret=INTERPRET, blocks=SMALL
         )
-    assert shared_tile_applies(64, 32, 64, SMALL) and not shared_tile_applies(32, 48, 64, SMALL)
-    assert not shared_tile_applies(64, 24, 64, SMALL)  # not a multiple of block_f = 16
+    assert shared_tile_applies(64, 32, SMALL) and not shared_tile_applies(32, 48, SMALL)
+    assert not shared_tile_applies(64, 24, SMALL)  # not a multiple of block_f = 16
 
 
 def test_off_device_ids_give_zero_rows():

@@ -304,7 +304,7 @@ def test_shared_expert_tile_per_device():
     from pallas_kernels.moe import shared_tile_applies
 
     cfg = dataclasses.replace(CFG, shared_expert_intermediate_size=64)
-    assert shared_tile_applies(cfg.moe_intermediate_size, 32, cfg.hidden_size)
+    assert shared_tile_applies(cfg.moe_intermediate_size, 32)
     x = jax.random.normal(jax.random.key(8), (2, 3, cfg.hidden_size))
     want, _ = moe_layer(cfg, None, x, 6, moe_impl="dense")
     mesh = sharding.make_mesh(cfg, 2)
