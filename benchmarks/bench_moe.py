@@ -125,6 +125,11 @@ def main():
         help="decode: block shapes and split_d at N = 1 / 8, E = 512 and 256 of 512 local",
     )
     ap.add_argument(
+        "--batch-sweep",
+        action="store_true",
+        help="decode: rows per tile and down's blocks at N = 32 / 64 (grouped batches)",
+    )
+    ap.add_argument(
         "--prefill-rows",
         action="store_true",
         help="prefill: x read by token or copied, results stored by pair or gathered back",
@@ -143,6 +148,25 @@ def main():
     inner = 1 if dry else 10
     reps = 1 if dry else args.reps
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}", flush=True)
+
+    def block_sweep(title, grid, cases):
+        """us per layer of each MoEBlocks change in `grid` on each (tokens, local experts)."""
+        L = 2 if dry else 8
+        stacks = {e: layer_stack(L, E, e, D, F, k) for e in {e for _, e in cases}}
+        print(f"\n{title}, us per layer ({L} layers' experts, each its own ids):")
+        print("| blocks | " + " | ".join(f"N={n}, {e}/{E} local" for n, e in cases) + " |")
+        print("|---|" + "---|" * len(cases))
+        for g in grid:
+            b = dataclasses.replace(dec_blocks, **g)
+            fn = functools.partial(moe_experts_decode, blocks=b, **interp)
+            line = []
+            for N, E_here in cases:
+                try:
+                    t = time_layers(fn, N, *stacks[E_here], reps)
+                    line.append(f"{t * 1e6:.1f}")
+                except Exception as e:  # a shape the compiler rejects (shared memory, ...)
+                    line.append(f"failed ({type(e).__name__})")
+            print(f"| {g or 'defaults'} | " + " | ".join(line) + " |", flush=True)
 
     rows = []
     # decode: the touched experts' bytes are the floor
@@ -213,25 +237,35 @@ def main():
             dict(num_stages=3),
             dict(num_stages=5),
         ]
-        L = 2 if dry else 8
         if dry:
             grid = [{}, dict(split_d=2)]
         cases = [(1, E), (1, E // 2), (8, E // 2)] if not dry else [(1, E), (1, E // 2)]
-        stacks = {e: layer_stack(L, E, e, D, F, k) for e in {e for _, e in cases}}
-        print(f"\ndecode block sweep, us per layer ({L} layers' experts, each its own ids):")
-        print("| blocks | " + " | ".join(f"N={n}, {e}/{E} local" for n, e in cases) + " |")
-        print("|---|" + "---|" * len(cases))
-        for g in grid:
-            b = dataclasses.replace(dec_blocks, **g)
-            fn = functools.partial(moe_experts_decode, blocks=b, **interp)
-            line = []
-            for N, E_here in cases:
-                try:
-                    t = time_layers(fn, N, *stacks[E_here], reps)
-                    line.append(f"{t * 1e6:.1f}")
-                except Exception as e:  # a shape the compiler rejects (shared memory, ...)
-                    line.append(f"failed ({type(e).__name__})")
-            print(f"| {g or 'defaults'} | " + " | ".join(line) + " |", flush=True)
+        block_sweep("decode block sweep", grid, cases)
+
+    if args.batch_sweep:
+        r16 = dict(decode_tile_rows=16)
+        grid = [
+            {},
+            dict(decode_tile_rows=32),
+            r16,
+            dict(r16, block_dout=256),
+            dict(r16, block_dout=256, num_warps=8),
+            dict(r16, block_dout=512, block_fin=32),
+            dict(r16, block_dout=512, block_fin=64, num_warps=8),
+            dict(r16, block_fin=64),
+            dict(r16, block_f=128),
+            dict(r16, num_stages=5),
+            dict(r16, block_dout=256, block_fin=64, block_f=128),
+            dict(decode_tile_rows=32, block_dout=256),
+            dict(y_by_pair=(2, 8)),
+            dict(x_by_token=True),
+            dict(block_f=128),
+        ]
+        cases = [(64, E), (64, E // 2), (32, E // 2)]
+        if dry:
+            grid = [{}, dict(decode_tile_rows=16, block_dout=64)]
+            cases = [(20, E), (20, E // 2)]
+        block_sweep("grouped decode sweep", grid, cases)
 
     if args.prefill_rows:
         print("\nprefill row paths, ms per call (x: grouped copy or read by token; results:"

@@ -13,15 +13,15 @@ so the tiles of one expert run side by side and share each weight block through 
 
 Decode (`moe_experts_decode`, N <= 64 tokens) is bound by reading expert weights: one expert
 is 3 * D * F bf16 values (6 MiB at D=2048, F=512), and N tokens touch at most min(E, N * k)
-experts. Each touched expert is one tile of R = next power of two >= N rows (at least 16, the
-smallest tl.dot shape), grouped by compare-and-count without a sort; batches of up to 16
-tokens are not grouped at all: each (token, slot) pair is its own tile (an expert two tokens
-share is then read twice, which cost less than the grouping ops). N = 1, k = 10 touches 10
-experts, 60 MiB, 14.6 us at 4.3 TB/s. H200, bf16, E=512, k=10, per call inside a jitted
-loop: N=1 40 us (the two kernels 15 + 11 us, the rest the grouping ops and launches) vs 64 us
-for the XLA gather of the touched experts; N=16 243 vs 660 us (floor 208); N=64 621 vs 2542 us
-(floor 533). The shared expert may ride along as one more tile of both kernels (its rows:
-the N tokens), so at decode sizes it launches nothing of its own.
+experts. The pairs are grouped by compare-and-count without a sort, each touched expert's run
+cut into tiles of R = 16 rows (the smallest tl.dot shape; `MoEBlocks.decode_tile_rows`), and
+batches of up to 16 tokens are not grouped at all: each (token, slot) pair is its own tile
+(an expert two tokens share is then read twice, which cost less than the grouping ops).
+N = 1, k = 10 touches 10 experts, 60 MiB, 14.6 us at 4.3 TB/s. H200, bf16, E=512, k=10, per
+call inside a jitted loop: N=1 56 us vs 97 us for the XLA gather of the touched experts;
+N=16 260 vs 693 us (floor 203); N=64 684 vs 2617 us (floor 540, tiles of 64 rows then). The
+shared expert may ride along as more tiles of both kernels (its rows: the N tokens), so at
+decode sizes it launches nothing of its own.
 
 Prefill (`moe_experts_prefill`, any N) is a grouped matmul: the pairs are sorted by expert and
 each expert's run is cut into tiles of block_m rows, so an expert with c rows costs
@@ -44,7 +44,7 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels._triton import MIN_DOT, compiler_params, dot_block
 from pallas_kernels.moe.reference import validate_moe_inputs
 
-MAX_TOKENS = 64  # R = 64 rows held per program; larger batches belong to a grouped matmul
+MAX_TOKENS = 64  # decode batches; larger ones belong to the grouped matmul (prefill)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +94,13 @@ class MoEBlocks:
     x_by_token: bool = False
     # Prefill: down stores each result at its pair's row (as y_by_pair for decode sizes).
     prefill_y_by_pair: bool = False
+    # Grouped decode batches (more than pair_tiles tokens): rows per tile (a power of 2 >= 16);
+    # an expert with more pairs gets several tiles. At 64 tokens an expert holds 1-3 pairs
+    # and tiles of 64 rows mostly held padding (in shared memory and registers, 4 stages
+    # deep). H200, us per layer over a stack of 8 layers (bench_moe.py --batch-sweep), 64 /
+    # 32 / 16 rows: 64 tokens, all 512 experts local 646.5 / 641.7 / 592.7; 64 tokens, 256
+    # of 512 local 337.9 / 342.2 / 316.1; 32 tokens, 256 local 240.9 / 240.6 / 215.0.
+    decode_tile_rows: int = 16
 
 
 # Prefill: tiles of 64 rows, 64-wide reduction chunks, 3 stages. An H200 sweep at 8K tokens
@@ -119,9 +126,9 @@ def _gate_up_kernel(*refs, rows, block_f, block_d, n_tile_refs, split, shared, b
     #   int32 (each grouped row's token) first and x_ref [N, D] the tokens themselves, read
     #   row by row
     # w_ref [E, D, 2F] gate | up
-    # with `shared` = (tile u, rows n): layer_ref [1] int32, sg_ref / su_ref [L, D, Fs], the
-    #   shared expert's gate and up: tile u (past the routed ones) runs it on the n rows from
-    #   grouped row P - R (the tokens in order), Fs <= F columns
+    # with `shared` = (tile u, rows n, row m): layer_ref [1] int32, sg_ref / su_ref [L, D, Fs],
+    #   the shared expert's gate and up: tiles u, u + 1, .. (past the routed ones) run it on
+    #   the n rows from grouped row m (the tokens in order), R rows each, Fs <= F columns
     # out: h_ref [P, F] silu(gate) * up in x's dtype; rows of other slots left untouched.
     # With split > 1, program (s, f, j) sums the j-th of `split` parts of D and stores the
     # fp32 partial sums of gate and up in h_ref [split, P, 2F] (the caller adds the parts
@@ -168,13 +175,13 @@ def _gate_up_kernel(*refs, rows, block_f, block_d, n_tile_refs, split, shared, b
             plt.store(h_ref.at[pl.ds(start, rows), gate], act, mask=mine)
 
     if shared:
-        u, n = shared
+        u, n, m = shared
         layer, Fs = layer_ref[0], sg_ref.shape[2]
 
-        @pl.when((s == u) & (f < Fs // block_f))
+        @pl.when((s >= u) & (f < Fs // block_f))
         def _shared():
-            start = h_ref.shape[-2] - rows  # P - R
-            run(start, n, lambda d: (sg_ref[layer, d, gate], su_ref[layer, d, gate]))
+            start, cnt = m + (s - u) * rows, jnp.minimum(rows, n - (s - u) * rows)
+            run(start, cnt, lambda d: (sg_ref[layer, d, gate], su_ref[layer, d, gate]))
 
     e, cnt, start = _tile(tile_refs, s)  # the shared tile's slot is an empty routed one
 
@@ -188,9 +195,9 @@ def _down_kernel(*refs, rows, block_dout, block_fin, scatter, n_tile_refs, share
     # tile refs as above  h_ref [P, F] silu(gate) * up  w_ref [E, F, D]
     #   ->  y_ref [P, D] fp32; rows of other slots untouched. With `scatter`, pair_ref
     # [P] int32 first: each grouped row's result is stored at its pair's row of y
-    # (token-major), not at its grouped row. With `shared` = (tile u, rows n): layer_ref [1]
-    # and sd_ref [L, Fs, D] last; tile u reduces the shared rows' Fs columns of h with it and
-    # stores at rows P - R .. P - R + n.
+    # (token-major), not at its grouped row. With `shared` = (tile u, rows n, row m):
+    # layer_ref [1] and sd_ref [L, Fs, D] last; tiles u, u + 1, .. reduce the shared rows' Fs
+    # columns of h with it and store at rows m .. m + n, R rows each.
     tile_refs, refs = refs[:n_tile_refs], refs[n_tile_refs:]
     pair_ref, refs = (refs[0], refs[1:]) if scatter else (None, refs)
     if shared:
@@ -213,12 +220,13 @@ def _down_kernel(*refs, rows, block_dout, block_fin, scatter, n_tile_refs, share
         return mine, jax.lax.fori_loop(0, width // block_fin, body, zeros)
 
     if shared:
-        u, n = shared
+        u, n, m = shared
 
-        @pl.when(s == u)
+        @pl.when(s >= u)
         def _shared():
-            layer, start = layer_ref[0], h_ref.shape[0] - rows
-            mine, acc = reduce(start, n, sd_ref.shape[1], lambda f: sd_ref[layer, f, out])
+            layer, start = layer_ref[0], m + (s - u) * rows
+            cnt = jnp.minimum(rows, n - (s - u) * rows)
+            mine, acc = reduce(start, cnt, sd_ref.shape[1], lambda f: sd_ref[layer, f, out])
             plt.store(y_ref.at[pl.ds(start, rows), out], acc, mask=mine)
 
     e, cnt, start = _tile(tile_refs, s)
@@ -234,17 +242,16 @@ def _down_kernel(*refs, rows, block_dout, block_fin, scatter, n_tile_refs, share
             plt.store(y_ref.at[pl.ds(start, rows), out], acc, mask=mine)
 
 
-def _group_by_expert(experts, E: int):
+def _group_by_expert(experts, E: int, rows: int):
     """Decode grouping: the (token, slot) pairs grouped by expert, by compare-and-count over the
     M = N * k <= 640 pairs (no sort: a few fused XLA ops; argsort + bincount + nonzero were 15 us
-    slower at N=1); one tile per touched expert.
+    slower at N=1); each touched expert's run cut into tiles of at most `rows` rows.
 
     Returns pos [M] (a permutation: the grouped row of each pair, ids outside [0, E) last),
     order [M] (its inverse: the pair of each grouped row) and tiles = (expert, count, start)
-    [U] int32, U = min(E, M): the touched experts in increasing order, then empty tiles of
-    count 0."""
+    [U] int32 (`_cut_tiles`)."""
     N, k = experts.shape
-    M, U = N * k, min(E, N * k)
+    M = N * k
     flat = experts.reshape(-1).astype(jnp.int32)
     ids = jnp.where((flat >= 0) & (flat < E), flat, E)  # [M]; E: not here, grouped last
     counts = jnp.sum(ids == jnp.arange(E + 1)[:, None], axis=1, dtype=jnp.int32)  # [E + 1]
@@ -252,13 +259,7 @@ def _group_by_expert(experts, E: int):
     same_before = jnp.tril(ids[:, None] == ids[None, :], -1)  # [M, M]: same id, earlier pair
     pos = starts[ids] + jnp.sum(same_before, axis=1, dtype=jnp.int32)  # stable within an id
     order = jnp.zeros((M,), jnp.int32).at[pos].set(jnp.arange(M, dtype=jnp.int32))
-    # Tile u runs the (u+1)-th touched expert: the number of experts e with at most u touched
-    # experts in 0..e (E when fewer than u + 1 are touched: an empty tile).
-    n_touched = jnp.cumsum(counts[:E] > 0)  # [E]
-    expert = jnp.sum(n_touched <= jnp.arange(U)[:, None], axis=1, dtype=jnp.int32)  # [U]
-    count = jnp.where(expert < E, counts[expert], 0)
-    expert = jnp.minimum(expert, E - 1)
-    return pos, order, (expert, count, starts[expert])
+    return pos, order, _cut_tiles(counts[:E], starts[:E], N, k, rows, "compare_all")
 
 
 def _one_tile_per_pair(experts, E: int):
@@ -272,9 +273,8 @@ def _one_tile_per_pair(experts, E: int):
 
 def _group_by_sort(experts, E: int, block_m: int):
     """Prefill grouping: the pairs sorted by expert (stable), each expert's run cut into tiles
-    of block_m rows. Returns pos [M], order [M] and tiles (expert, count, start) [T] int32 with
-    T = ceil(M / block_m) + min(E, M), an upper bound on the tiles (each touched expert wastes
-    less than one), as `_group_by_expert`."""
+    of block_m rows. Returns pos [M], order [M] and tiles (expert, count, start), as
+    `_group_by_expert`."""
     N, k = experts.shape
     M = N * k
     flat = experts.reshape(-1).astype(jnp.int32)
@@ -282,16 +282,26 @@ def _group_by_sort(experts, E: int, block_m: int):
     order = jnp.argsort(ids, stable=True).astype(jnp.int32)  # grouped row -> pair
     pos = jnp.zeros((M,), jnp.int32).at[order].set(jnp.arange(M, dtype=jnp.int32))
     counts = jnp.bincount(ids, length=E + 1)[:E].astype(jnp.int32)  # id E: not here
-    starts = jnp.cumsum(counts) - counts
-    n_tiles = (counts + block_m - 1) // block_m  # [E]
+    return pos, order, _cut_tiles(counts, jnp.cumsum(counts) - counts, N, k, block_m, "scan")
+
+
+def _cut_tiles(counts, starts, N: int, k: int, rows: int, method: str):
+    """Each expert's run of grouped rows (counts, starts [E]) of N tokens' k distinct ids cut
+    into tiles of at most `rows` rows: (expert, count, start) [T] int32, the touched experts in
+    increasing order, then empty tiles (count 0). An expert with c <= N rows takes
+    1 + (c - 1) // rows tiles, so T = min(E, N * k), plus N * k // rows where N > rows, bounds
+    the tiles of any routing. method: jnp.searchsorted's (decode sizes: "compare_all", one
+    fused compare; prefill: "scan")."""
+    E, M = counts.shape[0], N * k
+    n_tiles = (counts + rows - 1) // rows  # [E]
     tiles_end = jnp.cumsum(n_tiles)
-    T = -(-M // block_m) + min(E, M)
+    T = min(E, M) + (M // rows if N > rows else 0)
     t = jnp.arange(T, dtype=jnp.int32)
-    expert = jnp.searchsorted(tiles_end, t, side="right").astype(jnp.int32)  # E: past the last
-    e = jnp.minimum(expert, E - 1)
+    expert = jnp.searchsorted(tiles_end, t, side="right", method=method).astype(jnp.int32)
+    e = jnp.minimum(expert, E - 1)  # E: past the last tile
     j = t - (tiles_end[e] - n_tiles[e])  # the tile's index within its expert's run
-    count = jnp.where(expert < E, jnp.clip(counts[e] - j * block_m, 0, block_m), 0)
-    return pos, order, (e, count, starts[e] + j * block_m)
+    count = jnp.where(expert < E, jnp.clip(counts[e] - j * rows, 0, rows), 0)
+    return e, count, starts[e] + j * rows
 
 
 def _check_stack(w_gate_up, w_down, layer):
@@ -348,14 +358,14 @@ def _grouped_experts(
     shared expert's [N, D] fp32 when `shared` is given).
 
     The kernels see P = M + R grouped rows (R spare rows at the end, so that a run of R rows
-    from any start stays inside; their loads and stores are masked), gate_up reading a grouped
-    copy of x (one XLA gather). y_by_pair: down stores each row's result at its pair's row
-    (token-major), else at its grouped row and one XLA gather puts the results back in pair
-    order. A grouping that returns pos = order = None (`_one_tile_per_pair`, up to
-    `pair_tiles` tokens) needs neither: the grouped rows are already in pair order, and x is
-    a broadcast of the one token or read by token.
-    shared: one more tile, past the routed ones, runs the shared expert on the N tokens,
-    which are the first spare rows of x's copy (rows M .. M + N)."""
+    from any start stays inside; their loads and stores are masked; R * ceil(N / R) with the
+    shared expert), gate_up reading a grouped copy of x (one XLA gather). y_by_pair: down
+    stores each row's result at its pair's row (token-major), else at its grouped row and one
+    XLA gather puts the results back in pair order. A grouping that returns pos = order =
+    None (`_one_tile_per_pair`, up to `pair_tiles` tokens) needs neither: the grouped rows
+    are already in pair order, and x is a broadcast of the one token or read by token.
+    shared: ceil(N / R) more tiles, past the routed ones, run the shared expert on the N
+    tokens, which are the first spare rows of x's copy (rows M .. M + N)."""
     L, per_layer = _check_stack(w_gate_up, w_down, layer)
     E, D, F = validate_moe_inputs(x, experts, *per_layer)
     # one layer's experts are rows [layer * E, (layer + 1) * E) of the flattened stack (a
@@ -372,15 +382,17 @@ def _grouped_experts(
     layer_index = jnp.clip(jnp.asarray(0 if layer is None else layer, jnp.int32), 0, L - 1)
     if layer is not None:
         tiles = (tiles[0] + layer_index * E, *tiles[1:])
-    U, P = tiles[0].shape[0], M + rows
+    U = tiles[0].shape[0]
+    n_shared = 0 if shared is None else -(-N // rows)  # the shared expert's tiles
+    P = M + rows * max(1, n_shared)
     extra = ()  # the shared expert's operands, after each kernel's own
     if shared is not None:
         stacked, (sg, su, sd) = _check_shared(shared, L, D, F, layer, blocks)
-        # one more, empty, routed tile: the shared expert's slot
-        tiles = tuple(jnp.pad(t, (0, 1)) for t in tiles)
+        # more, empty, routed tiles: the shared expert's slots
+        tiles = tuple(jnp.pad(t, (0, n_shared)) for t in tiles)
         shared_layer = layer_index if stacked else jnp.zeros((), jnp.int32)
-        extra, shared_tile = (shared_layer.reshape(1),), (U, N)
-        U += 1
+        extra, shared_tile = (shared_layer.reshape(1),), (U, N, M)
+        U += n_shared
     else:
         shared_tile = None
     identity = order is None  # grouped row j is pair j (token j // k)
@@ -394,7 +406,7 @@ def _grouped_experts(
         x_grouped, y_by_pair = jnp.broadcast_to(x, (P, x.shape[1])), False
     else:
         # spare rows: the tokens in order (the shared tile's rows), then the last token
-        spare = jnp.minimum(jnp.arange(rows, dtype=jnp.int32), N - 1)
+        spare = jnp.minimum(jnp.arange(P - M, dtype=jnp.int32), N - 1)
         pair_token = jnp.arange(M, dtype=jnp.int32) // k if identity else order // k
         token = (jnp.concatenate([pair_token, spare]),)
         y_by_pair = y_by_pair and not identity  # pair tiles store at their pairs' rows anyway
@@ -491,7 +503,7 @@ def moe_experts_decode(
         experts, all of them, copied every step.
       shared: the shared expert's (w_gate [D, Fs], w_up [D, Fs], w_down [Fs, D]), whole or
         stacked over the same layers ([L, ...]); Fs <= F, a multiple of the F blocks
-        (`shared_tile_applies`). Its tile runs beside the routed ones in both kernels, so
+        (`shared_tile_applies`). Its tiles run beside the routed ones in both kernels, so
         the layer's shared expert costs no launches of its own.
     Returns:
       h [N, k, D] fp32: (silu(x @ Wg) * (x @ Wu)) @ Wd per (token, slot), as
@@ -509,7 +521,14 @@ def moe_experts_decode(
         )
     R = max(MIN_DOT, pl.next_power_of_2(N))
     by_pair = blocks.y_by_pair[0] <= N <= blocks.y_by_pair[1]
-    group = _one_tile_per_pair if N <= blocks.pair_tiles else _group_by_expert
+    if N <= blocks.pair_tiles:
+        group = _one_tile_per_pair
+    else:
+        cap = blocks.decode_tile_rows
+        if not isinstance(cap, int) or cap < MIN_DOT or cap & (cap - 1):
+            raise ValueError(f"decode_tile_rows={cap!r} must be a power of 2 >= {MIN_DOT}")
+        R = min(R, cap)
+        group = functools.partial(_group_by_expert, rows=R)
     return _grouped_experts(
         x, experts, w_gate_up, w_down, layer, group, R, blocks, interpret, by_pair, shared
     )

@@ -187,6 +187,44 @@ def test_all_tokens_on_one_expert():
     assert rel_err(h[5], h1[0]) < TOL[jnp.float32]
 
 
+@pytest.mark.parametrize("y_by_pair", [(0, 0), (1, 64)])
+def test_tiles_capped_below_the_batch(y_by_pair):
+    """decode_tile_rows=16 under 40 tokens (R would be 64): expert 3 in every token's slot 0
+    takes three tiles (16 + 16 + 8 rows), the shared expert's 40 rows three more; results
+    gathered back or stored by pair, foreign ids among them, weights stacked."""
+    x, experts, w_gate_up, w_down = moe_inputs(40, 3, 8, 64, 64, jnp.float32, seed=7)
+    experts = experts.at[:, 0].set(3)
+    experts = experts.at[:, 1:].set(jnp.where(experts[:, 1:] == 3, 8, experts[:, 1:]))
+    rng = np.random.default_rng(8)
+    sg, su = (jnp.asarray(rng.standard_normal((2, 64, 32)) * 0.125, x.dtype) for _ in range(2))
+    sd = jnp.asarray(rng.standard_normal((2, 32, 64)) * 32**-0.5, x.dtype)
+    blocks = dataclasses.replace(SMALL, decode_tile_rows=16, y_by_pair=y_by_pair)
+    stack_gu, stack_d = jnp.stack([w_gate_up * 0.5, w_gate_up]), jnp.stack([w_down] * 2)
+    h, h_shared = run(
+        moe_experts_decode,
+        x,
+        experts,
+        stack_gu,
+        stack_d,
+        1,
+        shared=(sg, su, sd),
+        interpret=INTERPRET,
+        blocks=blocks,
+    )
+    assert np.all(np.asarray(h)[np.asarray(experts) == 8] == 0.0)
+    assert rel_err(h, run(moe_experts_decode_ref, x, experts, w_gate_up, w_down)) < TOL[jnp.float32]
+    assert rel_err(h_shared, run(shared_expert_ref, x, sg[1], su[1], sd[1])) < TOL[jnp.float32]
+    with pytest.raises(ValueError, match="decode_tile_rows=24 must be a power of 2 >= 16"):
+        moe_experts_decode(
+            x,
+            experts,
+            w_gate_up,
+            w_down,
+            interpret=INTERPRET,
+            blocks=dataclasses.replace(SMALL, decode_tile_rows=24),
+        )
+
+
 def test_bf16_weights_fp32_activations_and_default_blocks():
     """Weights stored in bf16 are cast to x's dtype; default blocks capped to small D and F."""
     args = moe_inputs(3, 2, 8, 64, 32, jnp.float32, seed=4, w_dtype=jnp.bfloat16)
