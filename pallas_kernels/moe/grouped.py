@@ -77,7 +77,10 @@ class MoEBlocks:
     # results back to pair order: down stores each result at its pair's row. H200, E=512, one
     # call (benchmarks/bench_moe.py): 8 tokens 178 -> 163 us; 1 token 40.5 -> 47 us, 16
     # tokens 258 -> 266 us, 64 tokens 684 -> 680 us. (Below pair_tiles no batch is grouped.)
-    y_by_pair: tuple[int, int] = (2, 8)
+    # In the model the gather back is worse than alone: XLA fused it into the combine and
+    # recomputed the grouping's index arithmetic per element (11 us per layer at 64 tokens;
+    # 3.9 us stored by pair; 12-layer slice, one H200).
+    y_by_pair: tuple[int, int] = (2, 64)
     # Batches of at most pair_tiles tokens run each (token, slot) pair as its own tile and skip
     # the grouping ops (`_one_tile_per_pair`; 0: always grouped). One token's k ids are k
     # distinct experts, so at N = 1 nothing is read twice; with more tokens an expert two of
