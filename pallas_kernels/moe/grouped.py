@@ -91,10 +91,13 @@ class MoEBlocks:
     # repeated reads) grow.
     pair_tiles: int = 16
     # gate_up reads x's rows by token instead of from a grouped copy made by one XLA gather
-    # (the copy holds every pair's row, those of experts on other devices too). On for
-    # prefill (PREFILL_BLOCKS); at decode sizes the copy was faster (0.68 vs 0.76 ms per call
-    # at 64 tokens).
-    x_by_token: bool = False
+    # (the copy holds every pair's row, those of experts on other devices too). With tiles of
+    # 64 rows the copy was faster at 64 tokens (0.68 vs 0.76 ms per call); with 16-row tiles
+    # reading by token is not slower (us per layer, bench_moe.py --batch-sweep: 64 tokens
+    # 591.4 -> 589.2 all 512 local, 314.6 -> 301.4 with 256 of 512; 32 tokens 213.4 -> 210.2)
+    # and the copy's XLA gather is gone. (Pair tiles read by token anyway; one token is
+    # broadcast.)
+    x_by_token: bool = True
     # Prefill: down stores each result at its pair's row (as y_by_pair for decode sizes).
     prefill_y_by_pair: bool = False
     # Grouped decode batches (more than pair_tiles tokens): rows per tile (a power of 2 >= 16);
@@ -112,7 +115,7 @@ class MoEBlocks:
 # pair's row (foreign pairs' too), 8K tokens with 256 of 512 experts local 1.69 -> 1.36 ms
 # per layer, 16K with all 512 4.44 -> 3.91 ms. Results stored by pair measured the same as
 # gathered back (XLA fuses that gather into the combine).
-PREFILL_BLOCKS = MoEBlocks(block_d=64, block_fin=64, num_stages=3, x_by_token=True)
+PREFILL_BLOCKS = MoEBlocks(block_d=64, block_fin=64, num_stages=3)
 
 
 def _tile(tile_refs, s):

@@ -75,12 +75,12 @@ def test_matches_reference(N, k, E, D, F, dtype, off_device):
     assert rel_err(h, h_ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("y_by_pair", [(0, 0), (1, 32)])
-def test_results_by_pair_or_gathered_agree(y_by_pair):
+@pytest.mark.parametrize("y_by_pair, x_by_token", [((0, 0), True), ((1, 32), False)])
+def test_results_by_pair_or_gathered_agree(y_by_pair, x_by_token):
     """Both decode result paths: stored at their grouped rows (then gathered) or at their
-    pairs' rows (17 tokens, R = 32, foreign ids among them)."""
+    pairs' rows; x read by token or from a grouped copy (17 tokens, foreign ids among them)."""
     args = moe_inputs(17, 3, 8, 64, 32, jnp.float32, seed=9, off_device=0.2)
-    blocks = dataclasses.replace(SMALL, y_by_pair=y_by_pair)
+    blocks = dataclasses.replace(SMALL, y_by_pair=y_by_pair, x_by_token=x_by_token)
     h = _kernel(*args, blocks=blocks)
     assert rel_err(h, run(moe_experts_decode_ref, *args)) < TOL[jnp.float32]
 
