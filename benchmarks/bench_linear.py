@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -48,18 +50,96 @@ def xla_dot(x, w, layer):
     return jnp.dot(x, w1.astype(x.dtype))
 
 
+# (name, K, M): per GPU, one GPU (TP = 1) and two (TP = 2)
+LAYER_SHAPES = [
+    ("gdn in_proj_qkvz tp1", 2048, 12288),
+    ("gdn out_proj tp1", 4096, 2048),
+    ("attn q_proj tp1", 2048, 8192),
+    ("gdn in_proj_qkvz tp2", 2048, 6144),
+    ("gdn out_proj tp2", 2048, 2048),
+]
+LAYER_GRID = [
+    {},
+    dict(block_k=256),
+    dict(block_k=256, num_stages=3),
+    dict(num_stages=6),
+    dict(block_m=128, num_warps=8),
+    dict(target_programs=256),
+]
+
+
+def time_layer_calls(fn, x, w, passes: int = 4) -> float:
+    """Seconds per call of fn(x, w, layer) over `passes` passes through the L layers of the
+    stack w [L, K, M], chained through x, as in the model's layer scan (no layer's weight is
+    in L2 when it is read), after ~0.3 s of warm-up calls (the clocks of an idle GPU ramp)."""
+    L = w.shape[0]
+
+    @jax.jit
+    def loop(x, w):
+        for layer in list(range(L)) * passes:
+            x = feed(x, fn(x, w, jnp.int32(layer)))
+        return x
+
+    run = lambda: jax.block_until_ready(loop(x, w))  # noqa: E731
+    run()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 0.3:
+        run()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / (L * passes)
+
+
+def layers_sweep(rows, interpret):
+    """us per call of each LinearBlocks change on each shape and row count, 12-layer stacks."""
+    shapes = DRY_SHAPES if interpret else LAYER_SHAPES
+    grid = [{}, dict(block_k=64)] if interpret else LAYER_GRID
+    L = 2 if interpret else 12
+    print(f"\nprojections over a {L}-layer stack, us per call (floor: bytes at 4.3 TB/s):")
+    print("| shape | N | floor | " + " | ".join(str(g or "defaults") for g in grid) + " |")
+    print("|---|---|---|" + "---|" * len(grid))
+    for name, K, M in shapes:
+        key = jax.random.split(jax.random.key(K + M), 2)
+        w = (0.02 * jax.random.normal(key[0], (L, K, M), jnp.float32)).astype(jnp.bfloat16)
+        for N in rows:
+            x = jax.random.normal(key[1], (N, K), jnp.bfloat16)
+            line = []
+            for g in grid:
+                b = LinearBlocks(**g)
+                try:
+                    plan(K, M, b)
+                    fn = lambda x, w, layer, b=b: linear(x, w, layer, interpret=interpret, blocks=b)  # noqa: E731
+                    line.append(f"{time_layer_calls(fn, x, w, 1 if interpret else 4) * 1e6:.2f}")
+                except Exception as e:  # a shape the blocks do not divide, or the compiler rejects
+                    line.append(f"- ({type(e).__name__})")
+            floor = K * M * 2 / HBM_BPS * 1e6
+            print(f"| {name} | {N} | {floor:.2f} | " + " | ".join(line) + " |", flush=True)
+        del w
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="*", default=[1, 8, 64])
     ap.add_argument("--inner", type=int, default=50)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument(
+        "--layers-sweep",
+        action="store_true",
+        help="blocks per shape over a 12-layer stack, one GPU's and two GPUs' shapes",
+    )
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args()
     interpret = args.dry_run
     shapes = DRY_SHAPES if args.dry_run else SHAPES
     inner, reps = (2, 1) if args.dry_run else (args.inner, args.reps)
     print(f"jax {jax.__version__} | {jax.devices()[0].device_kind}")
+    if args.layers_sweep:
+        layers_sweep(args.rows, interpret)
+        return
     rows, chain_us = [], {}
     for name, K, M in shapes:
         key = jax.random.split(jax.random.key(K + M), 2)
