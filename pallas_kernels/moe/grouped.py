@@ -416,10 +416,10 @@ def _grouped_experts(
         pair_token = jnp.arange(M, dtype=jnp.int32) // k if identity else order // k
         token = (jnp.concatenate([pair_token, spare]),)
         y_by_pair = y_by_pair and not identity  # pair tiles store at their pairs' rows anyway
-        # by_token: gate_up reads x's rows by token; else a grouped copy by one gather, not
-        # a scatter of x into grouped order (a scatter kernel was 10 us per layer at 64
-        # tokens; reading by token was slower at decode sizes: 47 vs 40.5 us per call at 1
-        # token, 0.76 vs 0.68 ms at 64)
+        # by_token: gate_up reads x's rows by token (`MoEBlocks.x_by_token`); else a grouped
+        # copy by one gather, not a scatter of x into grouped order (a scatter kernel was 10
+        # us per layer at 64 tokens). At one token reading by token was slower than the
+        # broadcast (47 vs 40.5 us per call, grouped then).
         x_grouped = x if by_token else jnp.take(x, token[0], axis=0)
         token = token if by_token else ()
     # spare rows store to rows M, M + 1, ...: distinct and never read
