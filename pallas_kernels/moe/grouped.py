@@ -495,7 +495,8 @@ def moe_experts_decode(
     blocks: MoEBlocks = MoEBlocks(),
 ):
     """Routed experts of a few tokens (N <= 64), reading each touched expert's weights once:
-    one tile per touched expert; optionally the shared expert as one more tile.
+    tiles of up to `decode_tile_rows` rows of one touched expert (or one tile per (token,
+    slot) pair, up to `pair_tiles` tokens); optionally the shared expert as more tiles.
 
     Args:
       x: [N, D] bf16 or fp32.
