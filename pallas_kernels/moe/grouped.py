@@ -118,19 +118,26 @@ class MoEBlocks:
 PREFILL_BLOCKS = MoEBlocks(block_d=64, block_fin=64, num_stages=3)
 
 
-def _tile(tile_refs, s):
-    """Tile s: (expert, count, start). Tiles given as (expert, count) are one per pair of a
-    single token (`_one_tile_per_pair`): tile s is grouped row s."""
-    start = tile_refs[2][s] if len(tile_refs) == 3 else s
-    return tile_refs[0][s], tile_refs[1][s], start
+def _tile(tile_ref, s):
+    """Tile s of the table [U, 3] int32: (expert, count, start): expert e on the grouped rows
+    [start, start + count) (count 0: an empty slot)."""
+    return tile_ref[s, 0], tile_ref[s, 1], tile_ref[s, 2]
 
 
-def _gate_up_kernel(*refs, rows, block_f, block_d, n_tile_refs, split, shared, by_token):
-    # tile refs [U] int32, expert, count and start: slot s runs expert e on the grouped rows
-    #   [start, start + cnt) (cnt = 0: an empty slot); without start, slot s is row s
-    # x_ref [P, D] grouped rows (R spare rows at the end); with `by_token`, token_ref [P]
-    #   int32 (each grouped row's token) first and x_ref [N, D] the tokens themselves, read
-    #   row by row
+def _tokens(rows_p, pairs):
+    """The token of each grouped row, from its pair index p (rows_p [R, 1]): p // k for a
+    pair, and for a spare row (its own index, p >= M) the tokens in order, then the last one
+    (the shared expert's rows). pairs = (M, k, N), static."""
+    M, k, N = pairs
+    return jnp.where(rows_p < M, rows_p // k, jnp.minimum(rows_p - M, N - 1))
+
+
+def _gate_up_kernel(tile_ref, *refs, rows, block_f, block_d, split, shared, x_rows, pairs):
+    # tile_ref [U, 3] int32: slot s runs expert e on the grouped rows [start, start + cnt)
+    # x_rows "grouped": x_ref [P, D] holds the grouped rows (R spare rows at the end);
+    #   "pairs": pair_ref [P] int32 (each grouped row's pair; spare rows their own index)
+    #   first and x_ref [N, D] the tokens, read row by row (`_tokens`); "identity": the
+    #   same with grouped row j being pair j (no pair_ref)
     # w_ref [E, D, 2F] gate | up
     # with `shared` = (tile u, rows n, row m): layer_ref [1] int32, sg_ref / su_ref [L, D, Fs],
     #   the shared expert's gate and up: tiles u, u + 1, .. (past the routed ones) run it on
@@ -139,8 +146,7 @@ def _gate_up_kernel(*refs, rows, block_f, block_d, n_tile_refs, split, shared, b
     # With split > 1, program (s, f, j) sums the j-th of `split` parts of D and stores the
     # fp32 partial sums of gate and up in h_ref [split, P, 2F] (the caller adds the parts
     # and applies SwiGLU).
-    tile_refs, refs = refs[:n_tile_refs], refs[n_tile_refs:]
-    token_ref, refs = (refs[0], refs[1:]) if by_token else (None, refs)
+    pair_ref, refs = (refs[0], refs[1:]) if x_rows == "pairs" else (None, refs)
     if shared:
         x_ref, w_ref, layer_ref, sg_ref, su_ref, h_ref = refs
     else:
@@ -153,17 +159,21 @@ def _gate_up_kernel(*refs, rows, block_f, block_d, n_tile_refs, split, shared, b
 
     def run(start, cnt, load_w):
         mine = (jnp.arange(rows) < cnt)[:, None]  # [R, 1]: rows past cnt are the next expert's
-        if by_token:
-            tokens = token_ref[pl.ds(start, rows)][:, None]  # [R, 1]
+        if x_rows != "grouped":
+            if pair_ref is None:  # identity: grouped row j is pair j
+                p = (start + jnp.arange(rows))[:, None]  # [R, 1]
+            else:
+                p = pair_ref[pl.ds(start, rows)][:, None]
+            tokens = _tokens(p, pairs)
 
         def body(i, acc):
             d0 = pl.multiple_of((first + i) * block_d, block_d)
             d = pl.ds(d0, block_d)
-            if by_token:
+            if x_rows == "grouped":
+                xs = plt.load(x_ref.at[pl.ds(start, rows), d], mask=mine, other=0)  # [R, BD]
+            else:
                 cols = (d0 + jnp.arange(block_d))[None, :]
                 xs = plt.load(x_ref.at[tokens, cols], mask=mine, other=0)  # [R, BD]
-            else:
-                xs = plt.load(x_ref.at[pl.ds(start, rows), d], mask=mine, other=0)  # [R, BD]
             wg, wu = (w.astype(xs.dtype) for w in load_w(d))  # [BD, BF] each
             acc_g, acc_u = acc
             acc_g += jnp.dot(xs, wg, preferred_element_type=jnp.float32)
@@ -189,7 +199,7 @@ def _gate_up_kernel(*refs, rows, block_f, block_d, n_tile_refs, split, shared, b
             start, cnt = m + (s - u) * rows, jnp.minimum(rows, n - (s - u) * rows)
             run(start, cnt, lambda d: (sg_ref[layer, d, gate], su_ref[layer, d, gate]))
 
-    e, cnt, start = _tile(tile_refs, s)  # the shared tile's slot is an empty routed one
+    e, cnt, start = _tile(tile_ref, s)  # the shared tiles' slots are empty routed ones
 
     @pl.when(cnt > 0)
     def _routed():
@@ -197,14 +207,13 @@ def _gate_up_kernel(*refs, rows, block_f, block_d, n_tile_refs, split, shared, b
         run(start, cnt, lambda d: (w_ref[e, d, gate], w_ref[e, d, up]))
 
 
-def _down_kernel(*refs, rows, block_dout, block_fin, scatter, n_tile_refs, shared):
-    # tile refs as above  h_ref [P, F] silu(gate) * up  w_ref [E, F, D]
+def _down_kernel(tile_ref, *refs, rows, block_dout, block_fin, scatter, shared):
+    # tile_ref as above  h_ref [P, F] silu(gate) * up  w_ref [E, F, D]
     #   ->  y_ref [P, D] fp32; rows of other slots untouched. With `scatter`, pair_ref
     # [P] int32 first: each grouped row's result is stored at its pair's row of y
     # (token-major), not at its grouped row. With `shared` = (tile u, rows n, row m):
     # layer_ref [1] and sd_ref [L, Fs, D] last; tiles u, u + 1, .. reduce the shared rows' Fs
     # columns of h with it and store at rows m .. m + n, R rows each.
-    tile_refs, refs = refs[:n_tile_refs], refs[n_tile_refs:]
     pair_ref, refs = (refs[0], refs[1:]) if scatter else (None, refs)
     if shared:
         h_ref, w_ref, layer_ref, sd_ref, y_ref = refs
@@ -235,7 +244,7 @@ def _down_kernel(*refs, rows, block_dout, block_fin, scatter, n_tile_refs, share
             mine, acc = reduce(start, cnt, sd_ref.shape[1], lambda f: sd_ref[layer, f, out])
             plt.store(y_ref.at[pl.ds(start, rows), out], acc, mask=mine)
 
-    e, cnt, start = _tile(tile_refs, s)
+    e, cnt, start = _tile(tile_ref, s)
 
     @pl.when(cnt > 0)
     def _routed():
@@ -248,14 +257,20 @@ def _down_kernel(*refs, rows, block_dout, block_fin, scatter, n_tile_refs, share
             plt.store(y_ref.at[pl.ds(start, rows), out], acc, mask=mine)
 
 
-def _group_by_expert(experts, E: int, rows: int):
-    """Decode grouping: the (token, slot) pairs grouped by expert, by compare-and-count over the
-    M = N * k <= 640 pairs (no sort: a few fused XLA ops; argsort + bincount + nonzero were 15 us
-    slower at N=1); each touched expert's run cut into tiles of at most `rows` rows.
+# ---- grouping: (token, slot) pairs -> grouped rows and tiles ----------------------------------
+# Each returns pos [M] (the grouped row of each pair; ids outside [0, E) last; None where the
+# grouped rows are the pairs in order), order [P] (the pair of each grouped row; the spare rows
+# M .. P their own index; None likewise) and the tile table [U, 3] int32 of (expert + offset,
+# count, start), U = the tiles any routing can need plus `extra` empty slots (the shared
+# expert's). offset: the layer's first expert in a stack flattened over layers.
 
-    Returns pos [M] (a permutation: the grouped row of each pair, ids outside [0, E) last),
-    order [M] (its inverse: the pair of each grouped row) and tiles = (expert, count, start)
-    [U] int32 (`_cut_tiles`)."""
+
+def _group_by_expert(experts, E: int, rows: int, P: int, extra: int, offset):
+    """Decode grouping by compare-and-count over the M = N * k <= 640 pairs (no sort); each
+    touched expert's run cut into tiles of at most `rows` rows (`_tiles`). A handful of fused
+    XLA ops: the counts per expert, each pair's rank among its expert's, their cumsums, and
+    two scatters (argsort + bincount + nonzero were 15 us slower at one token; a
+    searchsorted over tiles x experts cost two more kernels)."""
     N, k = experts.shape
     M = N * k
     flat = experts.reshape(-1).astype(jnp.int32)
@@ -263,51 +278,57 @@ def _group_by_expert(experts, E: int, rows: int):
     counts = jnp.sum(ids == jnp.arange(E + 1)[:, None], axis=1, dtype=jnp.int32)  # [E + 1]
     starts = jnp.cumsum(counts) - counts  # [E + 1]
     same_before = jnp.tril(ids[:, None] == ids[None, :], -1)  # [M, M]: same id, earlier pair
-    pos = starts[ids] + jnp.sum(same_before, axis=1, dtype=jnp.int32)  # stable within an id
-    order = jnp.zeros((M,), jnp.int32).at[pos].set(jnp.arange(M, dtype=jnp.int32))
-    return pos, order, _cut_tiles(counts[:E], starts[:E], N, k, rows, "compare_all")
+    rank = jnp.sum(same_before, axis=1, dtype=jnp.int32)  # stable within an id
+    pos = starts[ids] + rank
+    order = jnp.arange(P, dtype=jnp.int32).at[pos].set(jnp.arange(M, dtype=jnp.int32))
+    return pos, order, _tiles(ids, rank, pos, counts[:E], N, rows, extra, offset)
 
 
-def _one_tile_per_pair(experts, E: int):
-    """No grouping: pair j (token j // k) is tile j on grouped row j (pos and order the
-    identity, returned as None; tiles (expert, count) with no start); ids outside [0, E) give
-    an empty tile. No grouping ops: at N = 1 they were most of the layer's small kernels."""
-    flat = experts.reshape(-1).astype(jnp.int32)
-    here = (flat >= 0) & (flat < E)
-    return None, None, (jnp.where(here, flat, 0), here.astype(jnp.int32))
-
-
-def _group_by_sort(experts, E: int, block_m: int):
+def _group_by_sort(experts, E: int, rows: int, P: int, extra: int, offset):
     """Prefill grouping: the pairs sorted by expert (stable), each expert's run cut into tiles
-    of block_m rows. Returns pos [M], order [M] and tiles (expert, count, start), as
-    `_group_by_expert`."""
+    of `rows` (block_m) rows, as `_group_by_expert`."""
     N, k = experts.shape
     M = N * k
     flat = experts.reshape(-1).astype(jnp.int32)
     ids = jnp.where((flat >= 0) & (flat < E), flat, E)
-    order = jnp.argsort(ids, stable=True).astype(jnp.int32)  # grouped row -> pair
-    pos = jnp.zeros((M,), jnp.int32).at[order].set(jnp.arange(M, dtype=jnp.int32))
+    sorted_pairs = jnp.argsort(ids, stable=True).astype(jnp.int32)  # grouped row -> pair
+    pos = jnp.zeros((M,), jnp.int32).at[sorted_pairs].set(jnp.arange(M, dtype=jnp.int32))
     counts = jnp.bincount(ids, length=E + 1)[:E].astype(jnp.int32)  # id E: not here
-    return pos, order, _cut_tiles(counts, jnp.cumsum(counts) - counts, N, k, block_m, "scan")
+    rank = pos - (jnp.cumsum(counts) - counts)[jnp.minimum(ids, E - 1)]  # among its expert's
+    order = jnp.concatenate([sorted_pairs, jnp.arange(M, P, dtype=jnp.int32)])
+    return pos, order, _tiles(ids, rank, pos, counts, N, rows, extra, offset)
 
 
-def _cut_tiles(counts, starts, N: int, k: int, rows: int, method: str):
-    """Each expert's run of grouped rows (counts, starts [E]) of N tokens' k distinct ids cut
-    into tiles of at most `rows` rows: (expert, count, start) [T] int32, the touched experts in
-    increasing order, then empty tiles (count 0). An expert with c <= N rows takes
-    1 + (c - 1) // rows tiles, so T = min(E, N * k), plus N * k // rows where N > rows, bounds
-    the tiles of any routing. method: jnp.searchsorted's (decode sizes: "compare_all", one
-    fused compare; prefill: "scan")."""
-    E, M = counts.shape[0], N * k
-    n_tiles = (counts + rows - 1) // rows  # [E]
-    tiles_end = jnp.cumsum(n_tiles)
+def _tiles(ids, rank, pos, counts, N: int, rows: int, extra: int, offset):
+    """The tile table of grouped pairs: ids [M] (E: not here), each pair's rank among its
+    expert's pairs and its grouped row pos, counts [E]; `rows` a power of 2. The pair of rank
+    j * rows opens its expert's j-th tile, which lands after the tiles of the experts before
+    it: one scatter. An expert with c <= N pairs (a token's k ids are distinct) takes
+    1 + (c - 1) // rows tiles, so min(E, M), plus M // rows where N > rows, bounds them."""
+    E, M = counts.shape[0], ids.shape[0]
+    shift = rows.bit_length() - 1
+    n_tiles = (counts + rows - 1) >> shift  # [E]
+    first_tile = jnp.cumsum(n_tiles) - n_tiles
     T = min(E, M) + (M // rows if N > rows else 0)
-    t = jnp.arange(T, dtype=jnp.int32)
-    expert = jnp.searchsorted(tiles_end, t, side="right", method=method).astype(jnp.int32)
-    e = jnp.minimum(expert, E - 1)  # E: past the last tile
-    j = t - (tiles_end[e] - n_tiles[e])  # the tile's index within its expert's run
-    count = jnp.where(expert < E, jnp.clip(counts[e] - j * rows, 0, rows), 0)
-    return e, count, starts[e] + j * rows
+    e = jnp.minimum(ids, E - 1)
+    opens = (ids < E) & ((rank & (rows - 1)) == 0)
+    slot = jnp.where(opens, first_tile[e] + (rank >> shift), T + extra)  # past the end: dropped
+    tile = jnp.stack([e + offset, jnp.minimum(rows, counts[e] - rank), pos], axis=1)  # [M, 3]
+    return jnp.zeros((T + extra, 3), jnp.int32).at[slot].set(tile, mode="drop")
+
+
+def _one_tile_per_pair(experts, E: int, rows: int, P: int, extra: int, offset):
+    """No grouping: pair j (token j // k) is tile j on grouped row j (pos and order returned
+    as None); ids outside [0, E) give an empty tile. No grouping ops: at N = 1 they were most
+    of the layer's small kernels."""
+    flat = experts.reshape(-1).astype(jnp.int32)
+    here = (flat >= 0) & (flat < E)
+    M = flat.shape[0]
+    tile = jnp.stack(
+        [jnp.where(here, flat, 0) + offset, here.astype(jnp.int32), jnp.arange(M, dtype=jnp.int32)],
+        axis=1,
+    )
+    return None, None, jnp.pad(tile, ((0, extra), (0, 0)))
 
 
 def _check_stack(w_gate_up, w_down, layer):
@@ -359,19 +380,21 @@ def _check_shared(shared, L, D, F, layer, blocks):
 def _grouped_experts(
     x, experts, w_gate_up, w_down, layer, group, rows, blocks, interpret, y_by_pair, shared=None
 ):
-    """Validate, group the pairs (`group(experts, E)` -> pos, order, tiles), run the two kernels
-    over the tiles of `rows` rows and return [N, k, D] fp32 in (token, slot) order (and the
-    shared expert's [N, D] fp32 when `shared` is given).
+    """Validate, group the pairs (`group(experts, E, rows, P, extra, offset)` -> pos, order,
+    tiles: see the groupings above), run the two kernels over the tiles of `rows` rows and
+    return [N, k, D] fp32 in (token, slot) order (and the shared expert's [N, D] fp32 when
+    `shared` is given).
 
     The kernels see P = M + R grouped rows (R spare rows at the end, so that a run of R rows
     from any start stays inside; their loads and stores are masked; R * ceil(N / R) with the
-    shared expert), gate_up reading a grouped copy of x (one XLA gather). y_by_pair: down
-    stores each row's result at its pair's row (token-major), else at its grouped row and one
-    XLA gather puts the results back in pair order. A grouping that returns pos = order =
-    None (`_one_tile_per_pair`, up to `pair_tiles` tokens) needs neither: the grouped rows
-    are already in pair order, and x is a broadcast of the one token or read by token.
+    shared expert). gate_up reads x's rows by token through `order` (blocks.x_by_token), else
+    from a grouped copy (one XLA gather). y_by_pair: down stores each row's result at its
+    pair's row (token-major), else at its grouped row and one XLA gather puts the results
+    back in pair order. A grouping that returns pos = order = None (`_one_tile_per_pair`, up
+    to `pair_tiles` tokens) needs neither: the grouped rows are already in pair order, and x
+    is a broadcast of the one token or read by token.
     shared: ceil(N / R) more tiles, past the routed ones, run the shared expert on the N
-    tokens, which are the first spare rows of x's copy (rows M .. M + N)."""
+    tokens, on the first spare rows (rows M .. M + N)."""
     L, per_layer = _check_stack(w_gate_up, w_down, layer)
     E, D, F = validate_moe_inputs(x, experts, *per_layer)
     # one layer's experts are rows [layer * E, (layer + 1) * E) of the flattened stack (a
@@ -384,46 +407,38 @@ def _grouped_experts(
     BFin = dot_block("block_fin", blocks.block_fin, F, "F")
     N, k = experts.shape
     M = N * k
-    pos, order, tiles = group(experts, E)
-    layer_index = jnp.clip(jnp.asarray(0 if layer is None else layer, jnp.int32), 0, L - 1)
-    if layer is not None:
-        tiles = (tiles[0] + layer_index * E, *tiles[1:])
-    U = tiles[0].shape[0]
     n_shared = 0 if shared is None else -(-N // rows)  # the shared expert's tiles
     P = M + rows * max(1, n_shared)
+    layer_index = jnp.clip(jnp.asarray(0 if layer is None else layer, jnp.int32), 0, L - 1)
+    offset = layer_index * E if layer is not None else 0
+    pos, order, tiles = group(experts, E, rows, P, n_shared, offset)
+    U = tiles.shape[0]
     extra = ()  # the shared expert's operands, after each kernel's own
+    shared_tile = None
     if shared is not None:
         stacked, (sg, su, sd) = _check_shared(shared, L, D, F, layer, blocks)
-        # more, empty, routed tiles: the shared expert's slots
-        tiles = tuple(jnp.pad(t, (0, n_shared)) for t in tiles)
         shared_layer = layer_index if stacked else jnp.zeros((), jnp.int32)
-        extra, shared_tile = (shared_layer.reshape(1),), (U, N, M)
-        U += n_shared
-    else:
-        shared_tile = None
+        # the table's last n_shared slots are empty routed ones: the shared expert's
+        extra, shared_tile = (shared_layer.reshape(1),), (U - n_shared, N, M)
     identity = order is None  # grouped row j is pair j (token j // k)
-    # x by token where asked for, and for pair tiles of several tokens (their rows' tokens
-    # are static: no copy of x at all)
-    by_token = (blocks.x_by_token or identity) and N > 1
-    token = ()
+    pairs = ()  # gate_up's pair_ref, where it reads x by token through the grouping
     if identity and N == 1:
         # (gate_up reading x's one row and broadcasting it in registers ran at half speed:
         # 22 vs 11 us per layer on the 80B at batch 1)
-        x_grouped, y_by_pair = jnp.broadcast_to(x, (P, x.shape[1])), False
-    else:
-        # spare rows: the tokens in order (the shared tile's rows), then the last token
-        spare = jnp.minimum(jnp.arange(P - M, dtype=jnp.int32), N - 1)
-        pair_token = jnp.arange(M, dtype=jnp.int32) // k if identity else order // k
-        token = (jnp.concatenate([pair_token, spare]),)
-        y_by_pair = y_by_pair and not identity  # pair tiles store at their pairs' rows anyway
-        # by_token: gate_up reads x's rows by token (`MoEBlocks.x_by_token`); else a grouped
-        # copy by one gather, not a scatter of x into grouped order (a scatter kernel was 10
-        # us per layer at 64 tokens). At one token reading by token was slower than the
+        x_rows, x_grouped, y_by_pair = "grouped", jnp.broadcast_to(x, (P, x.shape[1])), False
+    elif identity:  # pair tiles: the rows' tokens are static, no copy of x at all
+        x_rows, x_grouped, y_by_pair = "identity", x, False
+    elif blocks.x_by_token:
+        # gate_up reads x's rows by token. At one token reading by token was slower than the
         # broadcast (47 vs 40.5 us per call, grouped then).
-        x_grouped = x if by_token else jnp.take(x, token[0], axis=0)
-        token = token if by_token else ()
-    # spare rows store to rows M, M + 1, ...: distinct and never read
-    y_rows = (jnp.concatenate([order, jnp.arange(M, P, dtype=jnp.int32)]),) if y_by_pair else ()
+        x_rows, x_grouped, pairs = "pairs", x, (order,)
+    else:
+        # a grouped copy by one gather, not a scatter of x into grouped order (a scatter
+        # kernel was 10 us per layer at 64 tokens)
+        x_rows = "grouped"
+        x_grouped = jnp.take(x, _tokens(order, (M, k, N)), axis=0)
+    # stored by pair: spare rows store to rows M, M + 1, ... (order's own indices there)
+    y_rows = (order,) if y_by_pair else ()
 
     whole = pl.BlockSpec()  # the whole array: the kernels index their expert and rows by hand
     if not isinstance(blocks.split_d, int) or blocks.split_d < 1:
@@ -437,13 +452,13 @@ def _grouped_experts(
             rows=rows,
             block_f=BF,
             block_d=BD,
-            n_tile_refs=len(tiles),
             split=S,
             shared=shared_tile,
-            by_token=by_token,
+            x_rows=x_rows,
+            pairs=(M, k, N),
         ),
         grid=(U, F // BF, S),
-        in_specs=[whole] * (len(tiles) + len(token) + 2 + len(gate_up_extra)),
+        in_specs=[whole] * (1 + len(pairs) + 2 + len(gate_up_extra)),
         out_specs=whole,
         out_shape=jax.ShapeDtypeStruct((P, F), x.dtype)
         if S == 1
@@ -451,7 +466,7 @@ def _grouped_experts(
         compiler_params=compiler_params(blocks.num_warps, blocks.num_stages),
         interpret=interpret,
         name="moe_gate_up",
-    )(*tiles, *token, x_grouped, w_gate_up, *gate_up_extra)
+    )(tiles, *pairs, x_grouped, w_gate_up, *gate_up_extra)
     if S > 1:  # the parts' sums, then SwiGLU rounded to x's dtype as in the kernel
         gu = jnp.sum(h_grouped, axis=0)
         h_grouped = (jax.nn.silu(gu[:, :F]) * gu[:, F:]).astype(x.dtype)
@@ -463,17 +478,16 @@ def _grouped_experts(
             block_dout=BO,
             block_fin=BFin,
             scatter=y_by_pair,
-            n_tile_refs=len(tiles),
             shared=shared_tile,
         ),
         grid=(U, D // BO),
-        in_specs=[whole] * (len(tiles) + 2 + len(y_rows) + len(down_extra)),
+        in_specs=[whole] * (1 + len(y_rows) + 2 + len(down_extra)),
         out_specs=whole,
         out_shape=jax.ShapeDtypeStruct((P, D), jnp.float32),
         compiler_params=compiler_params(blocks.num_warps, blocks.num_stages),
         interpret=interpret,
         name="moe_down",
-    )(*tiles, *y_rows, h_grouped, w_down, *down_extra)
+    )(tiles, *y_rows, h_grouped, w_down, *down_extra)
 
     y = (y_out[:M] if y_by_pair or identity else y_out[pos]).reshape(N, k, D)  # pair order
     here = (experts >= 0) & (experts < E)
@@ -535,7 +549,7 @@ def moe_experts_decode(
         if not isinstance(cap, int) or cap < MIN_DOT or cap & (cap - 1):
             raise ValueError(f"decode_tile_rows={cap!r} must be a power of 2 >= {MIN_DOT}")
         R = min(R, cap)
-        group = functools.partial(_group_by_expert, rows=R)
+        group = _group_by_expert
     return _grouped_experts(
         x, experts, w_gate_up, w_down, layer, group, R, blocks, interpret, by_pair, shared
     )
@@ -560,7 +574,7 @@ def moe_experts_prefill(
     BM = blocks.block_m
     if BM < MIN_DOT or BM & (BM - 1):
         raise ValueError(f"block_m={BM} must be a power of 2 >= {MIN_DOT}")
-    group = functools.partial(_group_by_sort, block_m=BM)
+    group = _group_by_sort
     by_pair = blocks.prefill_y_by_pair
     return _grouped_experts(
         x, experts, w_gate_up, w_down, layer, group, BM, blocks, interpret, by_pair
