@@ -1,10 +1,10 @@
 """Pallas MoE (grouped gate_up + down; decode and prefill tilings) vs the pure-jnp reference.
 
 Small experts (D=64..128, F=32..64, E=8..16) keep the interpret-mode runs quick; the cases cover
-one token, odd token counts, N > 16 (32 rows per program) with all tokens on one expert (a run
-of 17 rows), neighbouring runs kept apart, results stored by pair (small batches) or gathered
-back, ids of experts on another device (== E, or negative),
-bf16 and fp32, weights stored in another dtype than x, and the contract violations.
+one token, odd token counts, N > 16 (grouped, tiles of 16 rows) with all tokens on one expert
+(a run of 17 rows: two tiles), neighbouring runs kept apart, results stored by pair or gathered
+back, x read by token or copied, ids of experts on another device (== E, or negative), bf16
+and fp32, weights stored in another dtype than x, and the contract violations.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _kernel(x, experts, w_gate_up, w_down, blocks=SMALL):
         (1, 4, 8, 64, 32, jnp.float32, 0.0),
         (3, 2, 16, 128, 64, jnp.bfloat16, 0.0),
         (8, 4, 8, 64, 64, jnp.float32, 0.3),
-        (17, 3, 8, 64, 32, jnp.bfloat16, 0.2),  # N > 16: R = 32 rows per program
+        (17, 3, 8, 64, 32, jnp.bfloat16, 0.2),  # N > 16: grouped, tiles of 16 rows
     ],
 )
 def test_matches_reference(N, k, E, D, F, dtype, off_device):
@@ -122,7 +122,7 @@ def test_gate_up_reduction_split_across_programs(N):
         (6, 8, (2, 8), 1, True, jnp.float32),  # one tile per pair, six tokens
         (1, 0, (0, 0), 1, False, jnp.float32),  # grouped, gathered back
         (5, 0, (2, 8), 1, True, jnp.bfloat16),  # stored by pair
-        (17, 0, (0, 0), 2, True, jnp.float32),  # R = 32, gate_up split in parts
+        (17, 0, (0, 0), 2, True, jnp.float32),  # two shared tiles, gate_up split in parts
         (3, 0, (2, 8), 1, "routed only", jnp.float32),  # a whole shared expert, layer 1
     ],
 )
@@ -176,7 +176,7 @@ def test_off_device_ids_give_zero_rows():
 
 
 def test_all_tokens_on_one_expert():
-    """17 tokens share expert 3 in slot 0: one run of 17 rows (> 16, so R = 32)."""
+    """17 tokens share expert 3 in slot 0: one run of 17 rows, cut into tiles of 16 and 1."""
     x, experts, w_gate_up, w_down = moe_inputs(17, 2, 8, 64, 32, jnp.float32, seed=2)
     experts = experts.at[:, 0].set(3)
     experts = experts.at[:, 1].set(jnp.where(experts[:, 1] == 3, 5, experts[:, 1]))
