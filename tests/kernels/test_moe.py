@@ -319,6 +319,41 @@ def test_rows_read_by_token_or_stored_by_pair(x_by_token, prefill_y_by_pair):
     assert rel_err(h_shared, run(shared_expert_ref, args[0], sg, su, sd)) < TOL[jnp.float32]
 
 
+@pytest.mark.parametrize("grouping", ["decode", "prefill"])
+@pytest.mark.parametrize("N, E, skew", [(17, 8, True), (40, 512, False), (64, 16, True)])
+def test_grouping_tiles_cover_every_pair_once(grouping, N, E, skew):
+    """The groupings alone (no kernel): order inverts pos and keeps the spare rows' own
+    indices; the tile table covers every local pair's grouped row exactly once, each tile at
+    most `rows` rows of one expert (offset by the layer's first expert), the used tiles
+    first and the shared slots empty."""
+    from pallas_kernels.moe.grouped import _group_by_expert, _group_by_sort
+
+    rng = np.random.default_rng(N + E)
+    k, rows, extra, offset = 4, 16, 2, 3 * E
+    ids = np.stack([rng.choice(E, k, replace=False) for _ in range(N)])
+    if skew:  # one expert in every token's slot 0: several tiles of it
+        ids[:, 0] = 1
+        ids[:, 1:] = np.where(ids[:, 1:] == 1, E, ids[:, 1:])
+    ids[rng.random((N, k)) < 0.2] = -1  # foreign
+    M = N * k
+    P = M + rows * extra
+    group = _group_by_expert if grouping == "decode" else _group_by_sort
+    pos, order, tiles = (np.asarray(a) for a in group(jnp.asarray(ids), E, rows, P, extra, offset))
+    flat = ids.reshape(-1)
+    local = (flat >= 0) & (flat < E)
+    assert np.array_equal(order[pos], np.arange(M)) and np.array_equal(order[M:], np.arange(M, P))
+    assert np.all(pos[local] < local.sum())  # local pairs first, foreign ones after
+    covered = np.zeros(M, int)
+    used = tiles[:, 1] > 0
+    assert not used[-extra:].any() and np.all(used[: used.sum()])  # used tiles first
+    for expert, count, start in tiles[used]:
+        assert 1 <= count <= rows
+        pairs = order[start : start + count]
+        assert np.all(flat[pairs] == expert - offset)
+        covered[start : start + count] += 1
+    assert np.array_equal(covered[: local.sum()], np.ones(local.sum(), int))
+
+
 def test_prefill_one_expert_takes_many_tiles_and_others_none():
     """50 tokens on expert 2 in slot 0 (4 tiles of 16, the last with 2 rows); the other slot
     spread; experts 6 and 7 untouched; id -1 and E give zero rows."""
