@@ -1,9 +1,9 @@
 """Routed experts as two grouped Pallas (Triton backend) kernels, for decode and for prefill.
 
-Outside the kernels (a few XLA ops) the N * k (token, slot) pairs are grouped by expert, so each
-expert's rows are one contiguous run, and the runs are cut into row tiles of one expert each.
-Small decode batches store each result at its (token, slot) row, skipping the gather back
-(`MoEBlocks.y_by_pair`).
+Outside the kernels (a few XLA ops, `pallas_kernels.moe.grouping`) the N * k (token, slot)
+pairs are grouped by expert, so each expert's rows are one contiguous run, and the runs are
+cut into row tiles of one expert each. Decode batches store each result at its (token, slot)
+row, skipping the gather back (`MoEBlocks.y_by_pair`).
 Kernel 1 (gate_up + SwiGLU) has a program per (tile, block_f columns of F), kernel 2 (down) one
 per (tile, block_dout columns of D). A program streams its slice of the tile's expert weights
 and multiplies it with the tile's rows (a fixed number of rows, of which those past the tile's
@@ -42,6 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels._triton import MIN_DOT, compiler_params, dot_block
+from pallas_kernels.moe.grouping import group_by_expert, group_by_sort, one_tile_per_pair
 from pallas_kernels.moe.reference import validate_moe_inputs
 
 MAX_TOKENS = 64  # decode batches; larger ones belong to the grouped matmul (prefill)
@@ -82,7 +83,7 @@ class MoEBlocks:
     # 3.9 us stored by pair; 12-layer slice, one H200).
     y_by_pair: tuple[int, int] = (2, 64)
     # Batches of at most pair_tiles tokens run each (token, slot) pair as its own tile and skip
-    # the grouping ops (`_one_tile_per_pair`; 0: always grouped). One token's k ids are k
+    # the grouping ops (`one_tile_per_pair`; 0: always grouped). One token's k ids are k
     # distinct experts, so at N = 1 nothing is read twice; with more tokens an expert two of
     # them share is read once per pair. H200, us per layer over a stack of 8 layers, 256 of
     # 512 experts local (bench_moe.py --rows-sweep), grouped (best of gathered / by pair) vs a
@@ -257,80 +258,6 @@ def _down_kernel(tile_ref, *refs, rows, block_dout, block_fin, scatter, shared):
             plt.store(y_ref.at[pl.ds(start, rows), out], acc, mask=mine)
 
 
-# ---- grouping: (token, slot) pairs -> grouped rows and tiles ----------------------------------
-# Each returns pos [M] (the grouped row of each pair; ids outside [0, E) last; None where the
-# grouped rows are the pairs in order), order [P] (the pair of each grouped row; the spare rows
-# M .. P their own index; None likewise) and the tile table [U, 3] int32 of (expert + offset,
-# count, start), U = the tiles any routing can need plus `extra` empty slots (the shared
-# expert's). offset: the layer's first expert in a stack flattened over layers.
-
-
-def _group_by_expert(experts, E: int, rows: int, P: int, extra: int, offset):
-    """Decode grouping by compare-and-count over the M = N * k <= 640 pairs (no sort); each
-    touched expert's run cut into tiles of at most `rows` rows (`_tiles`). A handful of fused
-    XLA ops: the counts per expert, each pair's rank among its expert's, their cumsums, and
-    two scatters (argsort + bincount + nonzero were 15 us slower at one token; a
-    searchsorted over tiles x experts cost two more kernels)."""
-    N, k = experts.shape
-    M = N * k
-    flat = experts.reshape(-1).astype(jnp.int32)
-    ids = jnp.where((flat >= 0) & (flat < E), flat, E)  # [M]; E: not here, grouped last
-    counts = jnp.sum(ids == jnp.arange(E + 1)[:, None], axis=1, dtype=jnp.int32)  # [E + 1]
-    starts = jnp.cumsum(counts) - counts  # [E + 1]
-    same_before = jnp.tril(ids[:, None] == ids[None, :], -1)  # [M, M]: same id, earlier pair
-    rank = jnp.sum(same_before, axis=1, dtype=jnp.int32)  # stable within an id
-    pos = starts[ids] + rank
-    order = jnp.arange(P, dtype=jnp.int32).at[pos].set(jnp.arange(M, dtype=jnp.int32))
-    return pos, order, _tiles(ids, rank, pos, counts[:E], N, rows, extra, offset)
-
-
-def _group_by_sort(experts, E: int, rows: int, P: int, extra: int, offset):
-    """Prefill grouping: the pairs sorted by expert (stable), each expert's run cut into tiles
-    of `rows` (block_m) rows, as `_group_by_expert`."""
-    N, k = experts.shape
-    M = N * k
-    flat = experts.reshape(-1).astype(jnp.int32)
-    ids = jnp.where((flat >= 0) & (flat < E), flat, E)
-    sorted_pairs = jnp.argsort(ids, stable=True).astype(jnp.int32)  # grouped row -> pair
-    pos = jnp.zeros((M,), jnp.int32).at[sorted_pairs].set(jnp.arange(M, dtype=jnp.int32))
-    counts = jnp.bincount(ids, length=E + 1)[:E].astype(jnp.int32)  # id E: not here
-    rank = pos - (jnp.cumsum(counts) - counts)[jnp.minimum(ids, E - 1)]  # among its expert's
-    order = jnp.concatenate([sorted_pairs, jnp.arange(M, P, dtype=jnp.int32)])
-    return pos, order, _tiles(ids, rank, pos, counts, N, rows, extra, offset)
-
-
-def _tiles(ids, rank, pos, counts, N: int, rows: int, extra: int, offset):
-    """The tile table of grouped pairs: ids [M] (E: not here), each pair's rank among its
-    expert's pairs and its grouped row pos, counts [E]; `rows` a power of 2. The pair of rank
-    j * rows opens its expert's j-th tile, which lands after the tiles of the experts before
-    it: one scatter. An expert with c <= N pairs (a token's k ids are distinct) takes
-    1 + (c - 1) // rows tiles, so min(E, M), plus M // rows where N > rows, bounds them."""
-    E, M = counts.shape[0], ids.shape[0]
-    shift = rows.bit_length() - 1
-    n_tiles = (counts + rows - 1) >> shift  # [E]
-    first_tile = jnp.cumsum(n_tiles) - n_tiles
-    T = min(E, M) + (M // rows if N > rows else 0)
-    e = jnp.minimum(ids, E - 1)
-    opens = (ids < E) & ((rank & (rows - 1)) == 0)
-    slot = jnp.where(opens, first_tile[e] + (rank >> shift), T + extra)  # past the end: dropped
-    tile = jnp.stack([e + offset, jnp.minimum(rows, counts[e] - rank), pos], axis=1)  # [M, 3]
-    return jnp.zeros((T + extra, 3), jnp.int32).at[slot].set(tile, mode="drop")
-
-
-def _one_tile_per_pair(experts, E: int, rows: int, P: int, extra: int, offset):
-    """No grouping: pair j (token j // k) is tile j on grouped row j (pos and order returned
-    as None); ids outside [0, E) give an empty tile. No grouping ops: at N = 1 they were most
-    of the layer's small kernels."""
-    flat = experts.reshape(-1).astype(jnp.int32)
-    here = (flat >= 0) & (flat < E)
-    M = flat.shape[0]
-    tile = jnp.stack(
-        [jnp.where(here, flat, 0) + offset, here.astype(jnp.int32), jnp.arange(M, dtype=jnp.int32)],
-        axis=1,
-    )
-    return None, None, jnp.pad(tile, ((0, extra), (0, 0)))
-
-
 def _check_stack(w_gate_up, w_down, layer):
     """(L, per-layer shapes) of expert weights given whole ([E, ...]) or stacked over layers
     ([L, E, ...], with `layer`)."""
@@ -381,16 +308,16 @@ def _grouped_experts(
     x, experts, w_gate_up, w_down, layer, group, rows, blocks, interpret, y_by_pair, shared=None
 ):
     """Validate, group the pairs (`group(experts, E, rows, P, extra, offset)` -> pos, order,
-    tiles: see the groupings above), run the two kernels over the tiles of `rows` rows and
-    return [N, k, D] fp32 in (token, slot) order (and the shared expert's [N, D] fp32 when
-    `shared` is given).
+    tiles: see `pallas_kernels.moe.grouping`), run the two kernels over the tiles of `rows`
+    rows and return [N, k, D] fp32 in (token, slot) order (and the shared expert's [N, D]
+    fp32 when `shared` is given).
 
     The kernels see P = M + R grouped rows (R spare rows at the end, so that a run of R rows
     from any start stays inside; their loads and stores are masked; R * ceil(N / R) with the
     shared expert). gate_up reads x's rows by token through `order` (blocks.x_by_token), else
     from a grouped copy (one XLA gather). y_by_pair: down stores each row's result at its
     pair's row (token-major), else at its grouped row and one XLA gather puts the results
-    back in pair order. A grouping that returns pos = order = None (`_one_tile_per_pair`, up
+    back in pair order. A grouping that returns pos = order = None (`one_tile_per_pair`, up
     to `pair_tiles` tokens) needs neither: the grouped rows are already in pair order, and x
     is a broadcast of the one token or read by token.
     shared: ceil(N / R) more tiles, past the routed ones, run the shared expert on the N
@@ -543,13 +470,13 @@ def moe_experts_decode(
     R = max(MIN_DOT, pl.next_power_of_2(N))
     by_pair = blocks.y_by_pair[0] <= N <= blocks.y_by_pair[1]
     if N <= blocks.pair_tiles:
-        group = _one_tile_per_pair
+        group = one_tile_per_pair
     else:
         cap = blocks.decode_tile_rows
         if not isinstance(cap, int) or cap < MIN_DOT or cap & (cap - 1):
             raise ValueError(f"decode_tile_rows={cap!r} must be a power of 2 >= {MIN_DOT}")
         R = min(R, cap)
-        group = _group_by_expert
+        group = group_by_expert
     return _grouped_experts(
         x, experts, w_gate_up, w_down, layer, group, R, blocks, interpret, by_pair, shared
     )
@@ -574,7 +501,7 @@ def moe_experts_prefill(
     BM = blocks.block_m
     if BM < MIN_DOT or BM & (BM - 1):
         raise ValueError(f"block_m={BM} must be a power of 2 >= {MIN_DOT}")
-    group = _group_by_sort
+    group = group_by_sort
     by_pair = blocks.prefill_y_by_pair
     return _grouped_experts(
         x, experts, w_gate_up, w_down, layer, group, BM, blocks, interpret, by_pair

@@ -326,7 +326,7 @@ def test_grouping_tiles_cover_every_pair_once(grouping, N, E, skew):
     indices; the tile table covers every local pair's grouped row exactly once, each tile at
     most `rows` rows of one expert (offset by the layer's first expert), the used tiles
     first and the shared slots empty."""
-    from pallas_kernels.moe.grouped import _group_by_expert, _group_by_sort
+    from pallas_kernels.moe.grouping import group_by_expert, group_by_sort
 
     rng = np.random.default_rng(N + E)
     k, rows, extra, offset = 4, 16, 2, 3 * E
@@ -337,7 +337,7 @@ def test_grouping_tiles_cover_every_pair_once(grouping, N, E, skew):
     ids[rng.random((N, k)) < 0.2] = -1  # foreign
     M = N * k
     P = M + rows * extra
-    group = _group_by_expert if grouping == "decode" else _group_by_sort
+    group = group_by_expert if grouping == "decode" else group_by_sort
     pos, order, tiles = (np.asarray(a) for a in group(jnp.asarray(ids), E, rows, P, extra, offset))
     flat = ids.reshape(-1)
     local = (flat >= 0) & (flat < E)
