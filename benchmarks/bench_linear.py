@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from common import HBM_BPS, time_chained  # noqa: E402
+from common import HBM_BPS, time_chained, time_layer_walk  # noqa: E402
 
 from pallas_kernels.linear import LinearBlocks, linear, linear_ref, plan  # noqa: E402
 
@@ -68,31 +66,6 @@ LAYER_GRID = [
 ]
 
 
-def time_layer_calls(fn, x, w, passes: int = 4) -> float:
-    """Seconds per call of fn(x, w, layer) over `passes` passes through the L layers of the
-    stack w [L, K, M], chained through x, as in the model's layer scan (no layer's weight is
-    in L2 when it is read), after ~0.3 s of warm-up calls (the clocks of an idle GPU ramp)."""
-    L = w.shape[0]
-
-    @jax.jit
-    def loop(x, w):
-        for layer in list(range(L)) * passes:
-            x = feed(x, fn(x, w, jnp.int32(layer)))
-        return x
-
-    run = lambda: jax.block_until_ready(loop(x, w))  # noqa: E731
-    run()
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < 0.3:
-        run()
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) / (L * passes)
-
-
 def layers_sweep(rows, interpret):
     """us per call of each LinearBlocks change on each shape and row count, 12-layer stacks."""
     shapes = DRY_SHAPES if interpret else LAYER_SHAPES
@@ -112,7 +85,9 @@ def layers_sweep(rows, interpret):
                 try:
                     plan(K, M, b)
                     fn = lambda x, w, layer, b=b: linear(x, w, layer, interpret=interpret, blocks=b)  # noqa: E731
-                    line.append(f"{time_layer_calls(fn, x, w, 1 if interpret else 4) * 1e6:.2f}")
+                    step = lambda x, layer, w, fn=fn: feed(x, fn(x, w, jnp.int32(layer)))  # noqa: E731
+                    t = time_layer_walk(step, x, (w,), L, 1 if interpret else 4, reps=5)
+                    line.append(f"{t * 1e6:.2f}")
                 except Exception as e:  # a shape the blocks do not divide, or the compiler rejects
                     line.append(f"- ({type(e).__name__})")
             floor = K * M * 2 / HBM_BPS * 1e6

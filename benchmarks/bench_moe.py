@@ -27,7 +27,6 @@ import dataclasses
 import functools
 import os
 import sys
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -35,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from common import HBM_BPS, MATMUL_FLOPS, median_time, time_chained  # noqa: E402
+from common import HBM_BPS, MATMUL_FLOPS, time_chained, time_layer_walk  # noqa: E402
 
 from pallas_kernels.moe import (  # noqa: E402
     PREFILL_BLOCKS,
@@ -78,27 +77,16 @@ def layer_stack(L, E_all, E_here, D, F, k, seed=0):
 
 
 def time_layers(fn, N, ids, w_gu, w_d, reps: int, passes: int = 4) -> float:
-    """Seconds per layer of fn(x, ids[l, :N], w_gu, w_d, l) over `passes` passes through the L
-    layers of the stacks, as in the model's layer scan: each call reads other experts than the
-    last (a loop over one layer's experts would find them in L2, 50 MB on the H200, at small
-    N). After ~0.3 s of warm-up calls: short bursts after an idle GPU (a compile) ran up to 2x
-    slower, all the more for the faster configurations."""
-    L = w_gu.shape[0]
+    """Seconds per layer of fn(x, ids[l, :N], w_gu, w_d, l) walking the L layers of the stacks
+    (`common.time_layer_walk`): each call reads other experts than the last (a loop over one
+    layer's experts would find them in L2 at small N)."""
 
-    @jax.jit
-    def loop(x, ids, w_gu, w_d):
-        for layer in list(range(L)) * passes:
-            h = fn(x, ids[layer, :N], w_gu, w_d, jnp.int32(layer))
-            x = x + (jnp.sum(h, axis=1) * 1e-30).astype(x.dtype)
-        return x
+    def step(x, layer, ids, w_gu, w_d):
+        h = fn(x, ids[layer, :N], w_gu, w_d, jnp.int32(layer))
+        return x + (jnp.sum(h, axis=1) * 1e-30).astype(x.dtype)
 
     x = jax.random.normal(jax.random.key(1), (N, w_gu.shape[2]), jnp.bfloat16)
-    run = lambda: jax.block_until_ready(loop(x, ids, w_gu, w_d))
-    run()
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < 0.3:
-        run()
-    return median_time(run, max(reps, 15), warmup=0) / (L * passes)
+    return time_layer_walk(step, x, (ids, w_gu, w_d), w_gu.shape[0], passes, max(reps, 15))
 
 
 def grouped_xla(x, experts, w_gu, w_d):
