@@ -44,7 +44,7 @@ class SparseMoE(nnx.Module):
             experts = jnp.where(valid.reshape(-1, 1), experts, -1)
         scale = jax.nn.sigmoid(self.shared_expert_gate(x, layer))  # [N, 1]
         se = self.shared_expert
-        # the shared expert inside the routed experts' call: on one device (one more tile of
+        # the shared expert inside the routed experts' call: on one device (more tiles of
         # the decode kernels) or riding their psum (one collective per layer, not two)
         single = self.mesh is None or self.mesh.size == 1
         fold = single or sharding.shared_expert_joins_psum(self.mesh, se.gate_proj.w.shape[-1])

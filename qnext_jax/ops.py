@@ -620,7 +620,7 @@ def moe_experts(
     shared: (w_gate, w_up, w_down, scale) of the shared expert, added as scale * its output
     (on one device, or folded into the expert-parallel psum where
     sharding.shared_expert_joins_psum). Its weights may be whole stacks [L, ...] too (with
-    `layer`). On the Pallas decode path it is one more tile of the routed kernels; elsewhere
+    `layer`). On the Pallas decode path it rides as more tiles of the routed kernels; elsewhere
     its projections run as `linear` with impl=shared_impl, per device.
     With a mesh whose expert axis is > 1, each device runs its own experts on the (replicated)
     tokens routed to them and the partial sums are combined by one psum (sharding.expert_parallel
@@ -662,7 +662,7 @@ def _routed_experts(
 ):
     """fp32 [N,D]; ids outside [0, E) (experts held by another device) contribute nothing.
     shared = (w_gate, w_up, w_down, scale [N, 1]): the shared expert (this device's slice of
-    its ffw), added as scale * its output. On the decode kernel it is one more tile of the
+    its ffw), added as scale * its output. On the decode kernel it rides as more tiles of the
     routed kernels (no launches of its own); elsewhere three `linear`s with impl=shared_impl."""
     E = w_gate_up.shape[-3]
     here = (experts >= 0) & (experts < E)  # [N,k]
@@ -673,7 +673,7 @@ def _routed_experts(
         kernel = _kernel(moe, "moe_experts_decode" if decode else "moe_experts_prefill")
         fits = _kernel(moe, "shared_tile_applies")
         if decode and shared is not None and fits(w_gate_up.shape[-1] // 2, shared[0].shape[-1]):
-            kw["shared"] = shared[:3]  # one more tile of the decode kernels
+            kw["shared"] = shared[:3]  # more tiles of the decode kernels
         h = kernel(x, experts, w_gate_up, w_down, layer, **kw)
         if "shared" in kw:
             h, h_shared = h

@@ -279,7 +279,7 @@ def _check_stack(w_gate_up, w_down, layer):
 
 def shared_tile_applies(F: int, Fs: int, blocks: MoEBlocks = MoEBlocks()) -> bool:
     """Whether `moe_experts_decode` can run a shared expert of width Fs beside routed experts
-    of width F as its extra tile: Fs <= F and a multiple of the F blocks of both kernels."""
+    of width F as extra tiles: Fs <= F and a multiple of the F blocks of both kernels."""
     BF = dot_block("block_f", blocks.block_f, F, "F")
     BFin = dot_block("block_fin", blocks.block_fin, F, "F")
     return 0 < Fs <= F and Fs % BF == 0 and Fs % BFin == 0

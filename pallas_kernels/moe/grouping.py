@@ -14,6 +14,13 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 
+def _pair_ids(experts, E: int):
+    """The flat expert id of each (token, slot) pair [M] int32, E for an id outside [0, E)
+    (another device's expert, or none): grouped after the local ones."""
+    flat = experts.reshape(-1).astype(jnp.int32)
+    return jnp.where((flat >= 0) & (flat < E), flat, E)
+
+
 def group_by_expert(experts, E: int, rows: int, P: int, extra: int, offset):
     """Decode grouping by compare-and-count over the M = N * k <= 640 pairs (no sort); each
     touched expert's run cut into tiles of at most `rows` rows (`_tiles`). A handful of fused
@@ -22,8 +29,7 @@ def group_by_expert(experts, E: int, rows: int, P: int, extra: int, offset):
     searchsorted over tiles x experts cost two more kernels)."""
     N, k = experts.shape
     M = N * k
-    flat = experts.reshape(-1).astype(jnp.int32)
-    ids = jnp.where((flat >= 0) & (flat < E), flat, E)  # [M]; E: not here, grouped last
+    ids = _pair_ids(experts, E)
     counts = jnp.sum(ids == jnp.arange(E + 1)[:, None], axis=1, dtype=jnp.int32)  # [E + 1]
     starts = jnp.cumsum(counts) - counts  # [E + 1]
     same_before = jnp.tril(ids[:, None] == ids[None, :], -1)  # [M, M]: same id, earlier pair
@@ -38,8 +44,7 @@ def group_by_sort(experts, E: int, rows: int, P: int, extra: int, offset):
     of `rows` (block_m) rows, as `group_by_expert`."""
     N, k = experts.shape
     M = N * k
-    flat = experts.reshape(-1).astype(jnp.int32)
-    ids = jnp.where((flat >= 0) & (flat < E), flat, E)
+    ids = _pair_ids(experts, E)
     sorted_pairs = jnp.argsort(ids, stable=True).astype(jnp.int32)  # grouped row -> pair
     pos = jnp.zeros((M,), jnp.int32).at[sorted_pairs].set(jnp.arange(M, dtype=jnp.int32))
     counts = jnp.bincount(ids, length=E + 1)[:E].astype(jnp.int32)  # id E: not here
@@ -70,11 +75,11 @@ def one_tile_per_pair(experts, E: int, rows: int, P: int, extra: int, offset):
     """No grouping: pair j (token j // k) is tile j on grouped row j (pos and order returned
     as None); ids outside [0, E) give an empty tile. No grouping ops: at N = 1 they were most
     of the layer's small kernels."""
-    flat = experts.reshape(-1).astype(jnp.int32)
-    here = (flat >= 0) & (flat < E)
-    M = flat.shape[0]
+    ids = _pair_ids(experts, E)
+    here = ids < E
+    M = ids.shape[0]
     tile = jnp.stack(
-        [jnp.where(here, flat, 0) + offset, here.astype(jnp.int32), jnp.arange(M, dtype=jnp.int32)],
+        [jnp.where(here, ids, 0) + offset, here.astype(jnp.int32), jnp.arange(M, dtype=jnp.int32)],
         axis=1,
     )
     return None, None, jnp.pad(tile, ((0, extra), (0, 0)))
