@@ -668,7 +668,11 @@ def _routed_experts(
     here = (experts >= 0) & (experts < E)  # [N,k]
     h_shared = None
     if impl == "pallas":  # reads a stacked [L, E, ...] in place; foreign ids give zero rows
-        moe, kw = "pallas_kernels.moe", dict(interpret=not on_gpu())
+        # each (token, slot) result rounded to x's dtype, as the XLA paths here and the
+        # transformers model do: half the bytes of fp32 for down to write and the combine
+        # below to read back (at an 8K prefill chunk, 81,920 rows of D per layer)
+        moe = "pallas_kernels.moe"
+        kw = dict(interpret=not on_gpu(), out_dtype=x.dtype)
         decode = x.shape[0] <= _kernel(moe, "MAX_TOKENS")
         kernel = _kernel(moe, "moe_experts_decode" if decode else "moe_experts_prefill")
         fits = _kernel(moe, "shared_tile_applies")

@@ -210,9 +210,9 @@ def _gate_up_kernel(tile_ref, *refs, rows, block_f, block_d, split, shared, x_ro
 
 def _down_kernel(tile_ref, *refs, rows, block_dout, block_fin, scatter, shared):
     # tile_ref as above  h_ref [P, F] silu(gate) * up  w_ref [E, F, D]
-    #   ->  y_ref [P, D] fp32; rows of other slots untouched. With `scatter`, pair_ref
-    # [P] int32 first: each grouped row's result is stored at its pair's row of y
-    # (token-major), not at its grouped row. With `shared` = (tile u, rows n, row m):
+    #   ->  y_ref [P, D] (fp32 or x's dtype); rows of other slots untouched. With
+    # `scatter`, pair_ref [P] int32 first: each grouped row's result is stored at its pair's
+    # row of y (token-major), not at its grouped row. With `shared` = (tile u, rows n, row m):
     # layer_ref [1] and sd_ref [L, Fs, D] last; tiles u, u + 1, .. reduce the shared rows' Fs
     # columns of h with it and store at rows m .. m + n, R rows each.
     pair_ref, refs = (refs[0], refs[1:]) if scatter else (None, refs)
@@ -233,7 +233,8 @@ def _down_kernel(tile_ref, *refs, rows, block_dout, block_fin, scatter, shared):
             return acc + jnp.dot(hs, load_w(f).astype(hs.dtype), preferred_element_type=jnp.float32)
 
         zeros = jnp.zeros((rows, block_dout), jnp.float32)
-        return mine, jax.lax.fori_loop(0, width // block_fin, body, zeros)
+        acc = jax.lax.fori_loop(0, width // block_fin, body, zeros)
+        return mine, acc.astype(y_ref.dtype)  # fp32 sums, rounded on store
 
     if shared:
         u, n, m = shared
@@ -305,12 +306,23 @@ def _check_shared(shared, L, D, F, layer, blocks):
 
 
 def _grouped_experts(
-    x, experts, w_gate_up, w_down, layer, group, rows, blocks, interpret, y_by_pair, shared=None
+    x,
+    experts,
+    w_gate_up,
+    w_down,
+    layer,
+    group,
+    rows,
+    blocks,
+    interpret,
+    y_by_pair,
+    out_dtype,
+    shared=None,
 ):
     """Validate, group the pairs (`group(experts, E, rows, P, extra, offset)` -> pos, order,
     tiles: see `pallas_kernels.moe.grouping`), run the two kernels over the tiles of `rows`
-    rows and return [N, k, D] fp32 in (token, slot) order (and the shared expert's [N, D]
-    fp32 when `shared` is given).
+    rows and return [N, k, D] in (token, slot) order (and the shared expert's [N, D] when
+    `shared` is given), in out_dtype (down's fp32 sums rounded on store).
 
     The kernels see P = M + R grouped rows (R spare rows at the end, so that a run of R rows
     from any start stays inside; their loads and stores are masked; R * ceil(N / R) with the
@@ -410,20 +422,27 @@ def _grouped_experts(
         grid=(U, D // BO),
         in_specs=[whole] * (1 + len(y_rows) + 2 + len(down_extra)),
         out_specs=whole,
-        out_shape=jax.ShapeDtypeStruct((P, D), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((P, D), out_dtype),
         compiler_params=compiler_params(blocks.num_warps, blocks.num_stages),
         interpret=interpret,
         name="moe_down",
     )(tiles, *y_rows, h_grouped, w_down, *down_extra)
 
-    y = (y_out[:M] if y_by_pair or identity else y_out[pos]).reshape(N, k, D)  # pair order
     here = (experts >= 0) & (experts < E)
+    if y_by_pair or identity:
+        y = y_out[:M]
+    else:
+        # The gather back to pair order: a pair of another device's expert reads spare row M
+        # (every such pair the same row, from L2) rather than a row of its own, so only this
+        # device's pairs' rows come from memory (half of them with 2-way expert parallelism).
+        y = y_out[jnp.where(here.reshape(-1), pos, M)]
+    y = y.reshape(N, k, D)  # pair order
     # Rows of ids not on this device were never written (uninitialised memory): zero them.
-    y = jnp.where(here[..., None], y, 0.0)
+    y = jnp.where(here[..., None], y, jnp.zeros((), y.dtype))
     return y if shared is None else (y, y_out[M : M + N])
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "blocks"))
+@functools.partial(jax.jit, static_argnames=("interpret", "blocks", "out_dtype"))
 def moe_experts_decode(
     x,
     experts,
@@ -434,6 +453,7 @@ def moe_experts_decode(
     shared=None,
     interpret=False,
     blocks: MoEBlocks = MoEBlocks(),
+    out_dtype=jnp.float32,
 ):
     """Routed experts of a few tokens (N <= 64), reading each touched expert's weights once:
     tiles of up to `decode_tile_rows` rows of one touched expert (or one tile per (token,
@@ -453,12 +473,15 @@ def moe_experts_decode(
         stacked over the same layers ([L, ...]); Fs <= F, a multiple of the F blocks
         (`shared_tile_applies`). Its tiles run beside the routed ones in both kernels, so
         the layer's shared expert costs no launches of its own.
+      out_dtype: the results' dtype: fp32 (the default), or x's dtype to round each
+        (token, slot) result as the transformers model does before the routing weights
+        apply (half the bytes down writes and the caller's combine reads back).
     Returns:
-      h [N, k, D] fp32: (silu(x @ Wg) * (x @ Wu)) @ Wd per (token, slot), as
+      h [N, k, D] in out_dtype: (silu(x @ Wg) * (x @ Wu)) @ Wd per (token, slot), as
       `moe_experts_decode_ref` (products in x's dtype, fp32 sums, silu * up rounded to x's
       dtype). The caller applies the routing weights and sums over k. With `shared`, the
-      pair (h, h_shared [N, D] fp32), h_shared the shared expert's output computed the same
-      way (the caller applies its gate).
+      pair (h, h_shared [N, D]), h_shared the shared expert's output computed the same way
+      (the caller applies its gate).
     """
     N, k = experts.shape
     if not 1 <= N <= MAX_TOKENS or k < 1:
@@ -478,11 +501,22 @@ def moe_experts_decode(
         R = min(R, cap)
         group = group_by_expert
     return _grouped_experts(
-        x, experts, w_gate_up, w_down, layer, group, R, blocks, interpret, by_pair, shared
+        x,
+        experts,
+        w_gate_up,
+        w_down,
+        layer,
+        group,
+        R,
+        blocks,
+        interpret,
+        by_pair,
+        out_dtype,
+        shared,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "blocks"))
+@functools.partial(jax.jit, static_argnames=("interpret", "blocks", "out_dtype"))
 def moe_experts_prefill(
     x,
     experts,
@@ -492,6 +526,7 @@ def moe_experts_prefill(
     *,
     interpret=False,
     blocks: MoEBlocks = PREFILL_BLOCKS,
+    out_dtype=jnp.float32,
 ):
     """Routed experts of any number of tokens as a grouped matmul: the pairs sorted by expert,
     each expert's run cut into tiles of blocks.block_m rows. Arguments and result as
@@ -504,5 +539,5 @@ def moe_experts_prefill(
     group = group_by_sort
     by_pair = blocks.prefill_y_by_pair
     return _grouped_experts(
-        x, experts, w_gate_up, w_down, layer, group, BM, blocks, interpret, by_pair
+        x, experts, w_gate_up, w_down, layer, group, BM, blocks, interpret, by_pair, out_dtype
     )

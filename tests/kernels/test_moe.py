@@ -265,6 +265,31 @@ def test_contract_violations_raise():
         moe_experts_decode(x, experts, w_gu, w_d, **kw)
 
 
+@pytest.mark.parametrize(
+    "path, N, blocks",
+    [
+        ("decode", 3, SMALL),  # a tile per pair
+        ("decode", 20, SMALL),  # grouped, stored by pair
+        ("decode", 20, dataclasses.replace(SMALL, y_by_pair=(2, 16))),  # grouped, gathered
+        ("prefill", 40, dataclasses.replace(SMALL, block_m=16)),  # gathered back
+    ],
+)
+def test_results_in_x_dtype(path, N, blocks):
+    """out_dtype=bf16: each (token, slot) result is the fp32 one rounded on store; pairs of
+    another device's experts (read back from one spare row) still give exact zeros."""
+    args = moe_inputs(N, 3, 8, 64, 32, jnp.bfloat16, seed=N, off_device=0.3)
+    fn = moe_experts_decode if path == "decode" else moe_experts_prefill
+    kw = dict(interpret=INTERPRET, blocks=blocks)
+    h32 = run(fn, *args, **kw)
+    h16 = run(fn, *args, out_dtype=jnp.bfloat16, **kw)
+    assert h16.dtype == jnp.bfloat16 and h16.shape == h32.shape == (N, 3, 64)
+    off = np.asarray(args[1] >= 8)
+    assert off.any() and np.all(np.asarray(h16, np.float32)[off] == 0.0)
+    if INTERPRET:  # the same sums, only the store rounds
+        assert np.array_equal(np.asarray(h16), np.asarray(h32.astype(jnp.bfloat16)))
+    assert rel_err(h16, h32) < TOL[jnp.bfloat16]
+
+
 # ---- prefill: the pairs sorted by expert, tiles of block_m rows ----------------------------
 SMALL_TILES = dataclasses.replace(SMALL, block_m=16)
 
