@@ -122,6 +122,11 @@ def main():
         action="store_true",
         help="prefill: x read by token or copied, results stored by pair or gathered back",
     )
+    ap.add_argument(
+        "--prefill-down-sweep",
+        action="store_true",
+        help="prefill: down's blocks (block_dout, block_fin) and the results' dtype at N = 8K",
+    )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args()
@@ -275,6 +280,39 @@ def main():
                 fn = functools.partial(moe_experts_prefill, blocks=b, **interp)
                 line.append(f"{time_per_call(fn, a, inner, max(reps, 7)) * 1e3:.3f}")
             print(f"| N={N}, {E_here}/{E_all} local | " + " | ".join(line) + " |", flush=True)
+
+    if args.prefill_down_sweep:
+        # down only changes with block_dout / block_fin (gate_up keeps its blocks); warps and
+        # stages apply to both kernels. The results in bf16, as the model stores them, except
+        # the one fp32 row (the kernel's default).
+        N = 64 if dry else 8192
+        a = inputs(N, E, E // 2, D, F, k)
+        grid = (
+            [dict(block_dout=16), dict(block_fin=32)]
+            if dry
+            else [
+                dict(),
+                dict(block_fin=32),
+                dict(block_fin=128),
+                dict(block_dout=64),
+                dict(block_dout=64, block_fin=128),
+                dict(block_dout=256),
+                dict(block_dout=256, block_fin=128),
+                dict(block_dout=256, num_warps=8),
+                dict(block_dout=256, block_fin=128, num_warps=8),
+                dict(num_stages=4),
+                dict(block_m=128, num_warps=8),
+            ]
+        )
+        print(f"\nprefill down sweep, N={N}, {E // 2}/{E} local, ms per call:")
+        for g, dtype in [({}, jnp.float32)] + [(g, jnp.bfloat16) for g in grid]:
+            b = dataclasses.replace(pre_blocks, **g)
+            fn = functools.partial(moe_experts_prefill, blocks=b, out_dtype=dtype, **interp)
+            try:
+                t = time_per_call(fn, a, inner, max(reps, 7))
+                print(f"  {g} {jnp.dtype(dtype).name}: {t * 1e3:.3f}", flush=True)
+            except Exception as e:  # a shape the compiler rejects (shared memory, registers)
+                print(f"  {g}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
 
     if args.sweep:
         N = 64 if dry else 8192
