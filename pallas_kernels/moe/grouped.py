@@ -336,6 +336,8 @@ def _grouped_experts(
     tokens, on the first spare rows (rows M .. M + N)."""
     L, per_layer = _check_stack(w_gate_up, w_down, layer)
     E, D, F = validate_moe_inputs(x, experts, *per_layer)
+    if not jnp.issubdtype(jnp.dtype(out_dtype), jnp.floating):
+        raise ValueError(f"out_dtype={out_dtype!r} must be a floating dtype (fp32 or x's dtype)")
     # one layer's experts are rows [layer * E, (layer + 1) * E) of the flattened stack (a
     # reshape of leading dims: no copy)
     w_gate_up = w_gate_up.reshape(L * E, D, 2 * F)

@@ -263,6 +263,8 @@ def test_contract_violations_raise():
     with pytest.raises(ValueError, match="multiple of 16"):  # F = 40: largest block is 8
         w_gu, w_d = jnp.zeros((8, 64, 80), x.dtype), jnp.zeros((8, 40, 64), x.dtype)
         moe_experts_decode(x, experts, w_gu, w_d, **kw)
+    with pytest.raises(ValueError, match="out_dtype=.*floating"):
+        moe_experts_decode(x, experts, w_gate_up, w_down, out_dtype=jnp.int32, **kw)
 
 
 @pytest.mark.parametrize(
