@@ -48,15 +48,16 @@ HBM_BPS = 4.3e12  # device-to-device copy measured on this H200 (KINDS.md)
 MMA_FLOPS = 7.7e14  # bf16 matmul through XLA (anchors.md)
 
 
-def make_inputs(B, T, seed=0):
-    """numpy fp32 inputs; callers cast to bf16 in their framework."""
+def make_inputs(B, T, seed=0, heads=(H, HV)):
+    """numpy fp32 inputs; callers cast to bf16 in their framework. heads: (H, HV)."""
+    h, hv = heads
     rng = np.random.default_rng(seed)
-    q = rng.standard_normal((B, T, H, K), np.float32)
-    k = rng.standard_normal((B, T, H, K), np.float32)
-    v = rng.standard_normal((B, T, HV, V), np.float32)
-    g = np.log(1 / (1 + np.exp(-rng.standard_normal((B, T, HV), np.float32)))) / 16  # logsigmoid
-    beta = 1 / (1 + np.exp(-rng.standard_normal((B, T, HV), np.float32)))
-    s0 = 0.1 * rng.standard_normal((B, HV, K, V), np.float32)
+    q = rng.standard_normal((B, T, h, K), np.float32)
+    k = rng.standard_normal((B, T, h, K), np.float32)
+    v = rng.standard_normal((B, T, hv, V), np.float32)
+    g = np.log(1 / (1 + np.exp(-rng.standard_normal((B, T, hv), np.float32)))) / 16  # logsigmoid
+    beta = 1 / (1 + np.exp(-rng.standard_normal((B, T, hv), np.float32)))
+    s0 = 0.1 * rng.standard_normal((B, hv, K, V), np.float32)
     return q, k, v, g.astype(np.float32), beta.astype(np.float32), s0
 
 
@@ -75,7 +76,7 @@ def to_jax(q, k, v, g, beta, s0):
 def to_torch(q, k, v, g, beta, s0):
     import torch
 
-    r = HV // H  # fla measured with q/k repeated to the value heads (as in anchors.md)
+    r = v.shape[2] // q.shape[2]  # fla measured with q/k repeated to the value heads (anchors.md)
     t = lambda x, dt: torch.from_numpy(x).to("cuda", dt)
     qt = t(q, torch.bfloat16).repeat_interleave(r, dim=2).contiguous()
     kt = t(k, torch.bfloat16).repeat_interleave(r, dim=2).contiguous()
@@ -136,9 +137,10 @@ def time_fla(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
 
 
-def prefill_floor_us(B, T):
-    nbytes = B * T * (2 * H * K * 2 + 2 * HV * V * 2 + 2 * HV * 4)  # q,k,v,o bf16; g,beta
-    chunks = B * HV * T / 64
+def prefill_floor_us(B, T, heads=(H, HV)):
+    h, hv = heads
+    nbytes = B * T * (2 * h * K * 2 + 2 * hv * V * 2 + 2 * hv * 4)  # q,k,v,o bf16; g,beta
+    chunks = B * hv * T / 64
     flops = chunks * (
         2 * 64 * 64 * K * 2
         + 2 * 64 * 64 * 64 * 10
@@ -324,10 +326,138 @@ def bench_conv(B, T, rows, log):
         log(f"  conv B={B} T={T}: FAILED\n" + traceback.format_exc())
 
 
+def time_prep(q, k, v, g, beta, blocks, log):
+    """The state-independent prep kernel alone (one segment), us per call."""
+    from pallas_kernels.gated_delta_rule import chunk as chunk_mod
+
+    C = blocks.chunk
+    B, T, h, _ = q.shape
+    hv = v.shape[2]
+
+    def fn(a, s):
+        q, k, v, g, beta = a
+        gam = jnp.cumsum(g.transpose(0, 2, 1).reshape(B, hv, T // C, C), -1).reshape(B, hv, T)
+        bt = beta.astype(jnp.float32).transpose(0, 2, 1)
+        out = chunk_mod._prep(
+            q + s[:, :1, :1, :1].astype(q.dtype),
+            k,
+            v,
+            gam,
+            bt,
+            R=hv // h,
+            scale=K**-0.5,
+            blocks=blocks,
+            l2norm=True,
+            interpret=DRY,
+        )
+        return out[0], s + out[1][:, :, :1, :1].astype(s.dtype).reshape(B, hv, 1, 1)
+
+    s = jnp.zeros((B, 1, 1, 1), jnp.float32)
+    try:
+        return time_ours(fn, (q, k, v, g, beta), s, reps=3, wall=False)[0]
+    except Exception:
+        log("  prep: FAILED\n" + traceback.format_exc())
+        return float("nan")
+
+
+def prefill_sweep(log):
+    """Every block config on every prefill case (the three targets, and one GPU's heads at
+    tensor parallelism 2: 8 q/k, 16 v heads), fla beside, outputs checked against the first
+    config. Prints one table of us per call."""
+    cases = [
+        (1, 8192, (H, HV)),
+        (1, 32768, (H, HV)),
+        (4, 8192, (H, HV)),
+        (1, 8192, (H // 2, HV // 2)),
+    ]
+    configs = [
+        ChunkBlocks(),
+        ChunkBlocks(block_v=32),
+        ChunkBlocks(block_v=32, num_stages=3),
+        ChunkBlocks(block_v=32, state_warps=2),
+        ChunkBlocks(block_v=16),
+        ChunkBlocks(block_v=16, state_warps=2),
+        ChunkBlocks(num_stages=3),
+        ChunkBlocks(chunk=32),
+        ChunkBlocks(chunk=32, block_v=32),
+        ChunkBlocks(chunk=32, block_v=16, state_warps=2),
+    ]
+    if DRY:
+        cases = [(1, 256, (H, HV)), (1, 256, (H // 2, HV // 2))]
+        configs = [ChunkBlocks(block_v=16), ChunkBlocks(block_v=16, chunk=32)]
+    table = {}
+    for B, T, heads in cases:
+        name = f"B={B} T={T} H={heads[0]} HV={heads[1]}"
+        np_in = make_inputs(B, T, heads=heads)
+        q, k, v, g, beta, s0 = to_jax(*np_in)
+        fla_us = float("nan")
+        try:
+            import torch
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
+
+            ta = to_torch(*np_in)
+            fla_us = time_fla(
+                lambda ta=ta: fla_chunk(
+                    *ta[:5],
+                    initial_state=ta[5],
+                    output_final_state=True,
+                    use_qk_l2norm_in_kernel=True,
+                )
+            )
+            del ta
+            torch.cuda.empty_cache()
+        except Exception:
+            log(traceback.format_exc())
+        row = {"fla": fla_us, "floor": prefill_floor_us(B, T, heads)}
+        for C in sorted({c.chunk for c in configs}):
+            row[f"prep C={C}"] = time_prep(q, k, v, g, beta, ChunkBlocks(chunk=C), log)
+        o_first = None
+        for blocks in configs:
+            b = blocks
+            label = f"C={b.chunk} bv={b.block_v} sw={b.state_warps} st={b.num_stages}"
+            try:
+                fn = lambda a, s, blocks=blocks: chunk_gated_delta_rule(
+                    *a, initial_state=s, use_qk_l2norm=True, blocks=blocks, interpret=DRY
+                )
+                dev, _ = time_ours(fn, (q, k, v, g, beta), s0, reps=3, wall=False)
+                o, _ = fn((q, k, v, g, beta), s0)
+                if o_first is None:
+                    o_first = np.asarray(o, np.float32)
+                err = rel(o, o_first)
+                row[label] = dev
+                log(f"  {name} {label}: {dev:.1f} us (o vs first config {err:.1e})")
+                if err > 2e-2:
+                    row[label] = float("nan")
+                    log(f"  {name} {label}: output differs from the first config's, dropped")
+            except Exception:
+                log(f"  {name} {label}: FAILED\n" + traceback.format_exc())
+                row[label] = float("nan")
+        table[name] = row
+    labels = list(next(iter(table.values())).keys())
+    log("\n| us per call | " + " | ".join(table) + " |")
+    log("|---" * (len(table) + 1) + "|")
+    for lab in labels:
+        cells = []
+        for row in table.values():
+            x = row.get(lab, float("nan"))
+            ratio = (
+                ""
+                if lab in ("fla", "floor") or lab.startswith("prep")
+                else f" ({x / row['fla']:.2f})"
+            )
+            cells.append(f"{x:.1f}{ratio}")
+        log(f"| {lab} | " + " | ".join(cells) + " |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="try several block configs per case")
     ap.add_argument("--quick", action="store_true", help="T=8192 prefill and decode B=1, 64 only")
+    ap.add_argument(
+        "--prefill-sweep",
+        action="store_true",
+        help="only the prefill cases, every block config in one table (ratio to fla)",
+    )
     ap.add_argument("--log", default=None)
     args = ap.parse_args()
     logf = open(args.log, "w") if args.log else None
@@ -346,6 +476,9 @@ def main():
         log(f"torch {torch.__version__} fla {fla.__version__}")
     except Exception:
         log("fla not importable:\n" + traceback.format_exc())
+    if args.prefill_sweep:
+        prefill_sweep(log)
+        return
     rows = []
     R = dataclasses.replace
     if args.sweep:  # tuned on the first case of each kind, then reused
