@@ -100,7 +100,7 @@ def torch_np(x):
     return x.float().cpu().numpy()
 
 
-def time_ours(fn, args, s0, reps, wall=True):
+def time_ours(fn, args, s0, reps, wall=True, rounds=5):
     """fn(args, state) -> (o, state). Returns (device us per call, wall us per single call).
 
     Arrays go in as arguments (closing over them would make XLA constant-fold the wrapper)."""
@@ -115,7 +115,7 @@ def time_ours(fn, args, s0, reps, wall=True):
 
     jax.block_until_ready(many(args, s0))
     dev = []
-    for _ in range(5):
+    for _ in range(rounds):
         t0 = time.perf_counter()
         jax.block_until_ready(many(args, s0))
         dev.append((time.perf_counter() - t0) / reps)
@@ -360,17 +360,17 @@ def time_prep(q, k, v, g, beta, blocks, log):
         return float("nan")
 
 
-def prefill_sweep(log):
-    """Every block config on every prefill case (the three targets, and one GPU's heads at
-    tensor parallelism 2: 8 q/k, 16 v heads), fla beside, outputs checked against the first
-    config. Prints one table of us per call."""
-    cases = [
+def prefill_sweep(log, configs=None, cases=None, reps=3, rounds=5, prep=True):
+    """Every block config on every prefill case (default: the three targets, and one GPU's
+    heads at tensor parallelism 2: 8 q/k, 16 v heads), fla beside, outputs checked against the
+    first config. Prints one table of us per call (median of `rounds` programs of `reps`)."""
+    cases = cases or [
         (1, 8192, (H, HV)),
         (1, 32768, (H, HV)),
         (4, 8192, (H, HV)),
         (1, 8192, (H // 2, HV // 2)),
     ]
-    configs = [
+    configs = configs or [
         ChunkBlocks(),
         ChunkBlocks(block_v=32),
         ChunkBlocks(block_v=32, num_stages=3),
@@ -409,7 +409,7 @@ def prefill_sweep(log):
         except Exception:
             log(traceback.format_exc())
         row = {"fla": fla_us, "floor": prefill_floor_us(B, T, heads)}
-        for C in sorted({c.chunk for c in configs}):
+        for C in sorted({c.chunk for c in configs}) if prep else []:
             row[f"prep C={C}"] = time_prep(q, k, v, g, beta, ChunkBlocks(chunk=C), log)
         o_first = None
         for blocks in configs:
@@ -419,7 +419,7 @@ def prefill_sweep(log):
                 fn = lambda a, s, blocks=blocks: chunk_gated_delta_rule(
                     *a, initial_state=s, use_qk_l2norm=True, blocks=blocks, interpret=DRY
                 )
-                dev, _ = time_ours(fn, (q, k, v, g, beta), s0, reps=3, wall=False)
+                dev, _ = time_ours(fn, (q, k, v, g, beta), s0, reps=reps, wall=False, rounds=rounds)
                 o, _ = fn((q, k, v, g, beta), s0)
                 if o_first is None:
                     o_first = np.asarray(o, np.float32)
@@ -458,6 +458,13 @@ def main():
         action="store_true",
         help="only the prefill cases, every block config in one table (ratio to fla)",
     )
+    ap.add_argument(
+        "--configs", nargs="*", default=[], help="sweep configs chunk,block_v,state_warps,stages"
+    )
+    ap.add_argument("--cases", nargs="*", default=[], help="sweep cases BxTxH (HV = 2H)")
+    ap.add_argument("--reps", type=int, default=3, help="sweep: calls per timed program")
+    ap.add_argument("--rounds", type=int, default=5, help="sweep: timed programs (median)")
+    ap.add_argument("--no-prep", action="store_true", help="sweep: skip the prep kernel alone")
     ap.add_argument("--log", default=None)
     args = ap.parse_args()
     logf = open(args.log, "w") if args.log else None
@@ -477,7 +484,12 @@ def main():
     except Exception:
         log("fla not importable:\n" + traceback.format_exc())
     if args.prefill_sweep:
-        prefill_sweep(log)
+        configs = [
+            ChunkBlocks(chunk=c, block_v=bv, state_warps=sw, num_stages=st)
+            for c, bv, sw, st in (map(int, x.split(",")) for x in args.configs)
+        ]
+        cases = [(b, t, (h, 2 * h)) for b, t, h in (map(int, x.split("x")) for x in args.cases)]
+        prefill_sweep(log, configs, cases, args.reps, args.rounds, prep=not args.no_prep)
         return
     rows = []
     R = dataclasses.replace
