@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import itertools
 import json
-import math
 import os
 import statistics
 import sys
@@ -91,27 +90,20 @@ def with_options(model, **changes):
     return nnx.merge(graphdef, nnx.state(model))
 
 
-def make_engine(model, mesh, batch: int, max_len: int, block: int, chunk: int, check: int = 4):
+def make_engine(model, mesh, batch: int, max_len: int, block: int, chunk: int):
     cfg = EngineConfig(
-        max_num_seqs=batch,
-        max_model_len=max_len,
-        decode_block=block,
-        prefill_chunk=chunk,
-        steps_per_check=check,
+        max_num_seqs=batch, max_model_len=max_len, decode_block=block, prefill_chunk=chunk
     )
     return Engine(model, cfg, eos_ids=[], mesh=mesh)
 
 
-def decode_case(
-    model, mesh, tp, batch, context, block, reps, profile, vocab, tag="", slots=0, check=4
-):
+def decode_case(model, mesh, tp, batch, context, block, reps, profile, vocab, tag="", slots=0):
     """`batch` running requests in an engine of max(batch, slots) slots (idle slots: a server
-    with --max-num-seqs above its load); the decode loop checks its condition every `check`
-    steps."""
+    with --max-num-seqs above its load)."""
     rng = np.random.default_rng(0)
     steps = block * (reps + 2)
     engine = make_engine(
-        model, mesh, max(batch, slots), context + steps + 8, block, min(context, 8192), check
+        model, mesh, max(batch, slots), context + steps + 8, block, min(context, 8192)
     )
     prompts = [list(map(int, rng.integers(0, vocab, context))) for _ in range(batch)]
     t = time.perf_counter()
@@ -126,7 +118,7 @@ def decode_case(
         engine.step(block=block)
         times.append(time.perf_counter() - t)
     step = statistics.median(times) / block
-    traces = engine.compiles["decode", block, math.gcd(block, check)]
+    traces = engine.compiles["decode", block]
     cfg = model.config
     floor = floor_seconds(cfg, batch, context, devices=tp)
     row = dict(
@@ -332,13 +324,6 @@ def main():
         "--linear-impl", nargs="+", default=["auto"], help="decode cases per projection impl"
     )
     ap.add_argument("--block", type=int, default=32)
-    ap.add_argument(
-        "--steps-per-check",
-        nargs="+",
-        type=int,
-        default=[4],
-        help="decode cases per EngineConfig.steps_per_check (1: the loop's check every step)",
-    )
     ap.add_argument("--slots", type=int, default=0, help="engine slots (default: the batch)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", default=None)
@@ -397,10 +382,7 @@ def main():
             args.long_prompt_chunk,
             cfg.vocab_size,
         )
-    cases = itertools.product(
-        args.moe_impl, args.scan_layers, args.linear_impl, args.steps_per_check
-    )
-    for impl, scan, lin, check in cases:
+    for impl, scan, lin in itertools.product(args.moe_impl, args.scan_layers, args.linear_impl):
         changes = {
             k: v
             for k, v in (("moe_impl", impl), ("scan_layers", bool(scan)), ("linear_impl", lin))
@@ -410,7 +392,6 @@ def main():
         tag = "" if len(args.moe_impl) == 1 else f" moe={impl}"
         tag += "" if scan else " unrolled"
         tag += "" if len(args.linear_impl) == 1 else f" linear={lin}"
-        tag += "" if len(args.steps_per_check) == 1 else f" check={check}"
         for b in args.batch:
             guarded(
                 decode_case,
@@ -426,7 +407,6 @@ def main():
                 cfg.vocab_size,
                 tag,
                 args.slots,
-                check,
             )
     for b in args.long_batch if args.long_context else []:
         guarded(

@@ -404,6 +404,7 @@ def prefill_sweep(log, configs=None, cases=None, reps=3, rounds=5, prep=True):
                     use_qk_l2norm_in_kernel=True,
                 )
             )
+            log(f"  fla {name}: {fla_us:.1f} us")
             del ta
             torch.cuda.empty_cache()
         except Exception:
