@@ -69,8 +69,8 @@ def record(**row) -> dict:
     return row
 
 
-def build_model(cfg, tp: int, moe_impl: str):
-    mesh = sharding.make_mesh(cfg, tp) if tp > 1 else None
+def build_model(cfg, tp: int, moe_impl: str, attention_replicas: int = 1):
+    mesh = sharding.make_mesh(cfg, tp, attention_replicas=attention_replicas) if tp > 1 else None
     opts = RuntimeOptions(dtype="bfloat16", mesh=mesh, moe_impl=moe_impl)
     shardings_fn = functools.partial(sharding.param_shardings, mesh=mesh, cfg=cfg) if mesh else None
     t = time.perf_counter()
@@ -299,6 +299,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--layers", type=int, default=48)
+    ap.add_argument(
+        "--attention-replicas",
+        type=int,
+        default=1,
+        help="copies of the attention / GDN weights (= --tp: whole heads on every GPU, one "
+        "all-reduce per layer)",
+    )
     ap.add_argument("--batch", type=int, nargs="*", default=[1, 8, 64])
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--long-context", type=int, default=32768, help="decode at this context too")
@@ -353,6 +360,7 @@ def main():
         jax=jax.__version__,
         device=devs[0].device_kind,
         tp=args.tp,
+        attention_replicas=args.attention_replicas,
         layers=args.layers,
         date=time.strftime("%Y-%m-%d"),
     )
@@ -361,7 +369,7 @@ def main():
         "decode bytes per step (B=1, ctx 1K, GB): "
         + json.dumps({k: round(v / 1e9, 3) for k, v in decode_bytes(cfg, 1, 1024).items()})
     )
-    model, mesh = build_model(cfg, args.tp, args.moe_impl[0])
+    model, mesh = build_model(cfg, args.tp, args.moe_impl[0], args.attention_replicas)
     weights = record(case="weights", memory=device_memory())
     meta["weights_gib_per_gpu"] = round(max(m["in_use_gib"] for m in weights["memory"]), 2)
 

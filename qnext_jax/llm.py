@@ -109,7 +109,11 @@ class LLM:
 
     model: an HF directory, a converted directory, or None for the embedded default.
     load_format: "auto" (the directory's weights) or "dummy" (random weights of the geometry in
-    its config.json, drawn directly into their shards: for benchmarks)."""
+    its config.json, drawn directly into their shards: for benchmarks).
+    attention_replicas: copies of the attention and GDN weights over the tensor_parallel_size
+    GPUs (their heads split over tensor_parallel_size / attention_replicas GPUs; the experts
+    and the vocabulary always split over all). Equal to tensor_parallel_size, each layer needs
+    one all-reduce (the experts') instead of two, and every GPU reads every attention weight."""
 
     def __init__(
         self,
@@ -120,6 +124,7 @@ class LLM:
         max_model_len: int | None = None,
         max_num_seqs: int = 8,
         tensor_parallel_size: int = 1,
+        attention_replicas: int = 1,
         speculative_config: dict | str | None = None,
         seed: int = 0,
         prefill_chunk: int = 512,
@@ -139,11 +144,13 @@ class LLM:
         num_spec = parse_speculative_config(speculative_config)
         options = options or RuntimeOptions()
         shardings_fn = mesh = None
-        if tensor_parallel_size != 1:
+        if tensor_parallel_size != 1 or attention_replicas != 1:
             from qnext_jax import sharding
 
             cfg = model_config(self.model_path, load_format)
-            mesh = sharding.make_mesh(cfg, tensor_parallel_size)
+            mesh = sharding.make_mesh(
+                cfg, tensor_parallel_size, attention_replicas=attention_replicas
+            )
             options = dataclasses.replace(options, mesh=mesh)
             shardings_fn = functools.partial(sharding.param_shardings, mesh=mesh, cfg=cfg)
         self.model = from_pretrained(
@@ -335,6 +342,13 @@ def add_engine_args(ap) -> None:
     ap.add_argument("--max-num-seqs", type=int, default=8, help="sequence slots (the batch)")
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument(
+        "--attention-replicas",
+        type=int,
+        default=1,
+        help="copies of the attention / GDN weights across the GPUs (their heads split over "
+        "tensor-parallel-size / attention-replicas GPUs; experts split over all)",
+    )
+    ap.add_argument(
         "--speculative-config",
         type=json.loads,
         default=None,
@@ -356,6 +370,7 @@ ENGINE_ARGS = (
     "max_model_len",
     "max_num_seqs",
     "tensor_parallel_size",
+    "attention_replicas",
     "speculative_config",
     "load_format",
     "gpu_memory_utilization",

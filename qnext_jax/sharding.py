@@ -1,16 +1,19 @@
 """Sharding policy: the device mesh, ONE table from logical axes to mesh axes, and the
 placements of parameters, cache and activations derived from it.
 
-The mesh holds n = tensor_parallel_size devices as a 2-D grid ("ep", "tp") of shape (EP, n / EP).
-The tensor axis is the whole grid: heads, vocab and the shared expert's ffw split n ways. Routed
-experts split over "ep" only (EP = n by default: every device holds E / n experts); with EP < n an
-expert group is replicated over "tp".
+The mesh holds n = tensor_parallel_size devices as a 3-D grid ("rep", "ep", "tp") of shape
+(R, EP / R, n / EP). Everything tensor-parallel splits over the whole grid (vocab, the shared
+expert's ffw) except the attention and GDN heads, which split over ("ep", "tp") and are
+replicated over "rep": R = 1 by default (heads split n ways); with R = n every device holds every
+head and a layer's attention needs no all-reduce. Routed experts split over ("rep", "ep"): EP = n
+by default (every device holds E / n experts); with EP < n an expert group is replicated over
+"tp".
 
 Parameters carry their logical axes as `axes` metadata (set where the model creates them;
 LayerStack prepends "layers"). Activations are constrained with `constrain` at block boundaries;
 everything else is GSPMD. `shard_map` only where collectives are manual or GSPMD cannot see
 inside: the routed experts (`expert_parallel`) and the Pallas kernels (`per_shard`).
-Model code names logical axes only; the physical names "ep" / "tp" appear in this file alone.
+Model code names logical axes only; the physical names appear in this file alone.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from qnext_jax.cache import GDN_CONV_AXES, GDN_STATE_AXES, KV_AXES, GDNCache, KVCache
 from qnext_jax.config import Qwen3NextConfig
 
-EP, TP = "ep", "tp"
-TENSOR = (EP, TP)  # every device of the mesh
+REP, EP, TP = "rep", "ep", "tp"
+HEADS = (EP, TP)  # attention and GDN heads: replicated over REP
+TENSOR = (REP, EP, TP)  # every device of the mesh
 
 # The table. A logical axis whose size does not divide its mesh axes is replicated instead
 # (KV heads: 2 in the 80B model, replicated beyond TP=2); the head counts that must divide are
@@ -37,13 +41,13 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": None,
     "embed": None,
     "layers": None,  # stacked layer repeats
-    "heads": TENSOR,  # attention query heads: q_proj out (per head [q | gate]), o_proj in
-    "kv_heads": TENSOR,  # attention KV heads: k/v_proj out, KV cache
-    "k_heads": TENSOR,  # GDN key heads: in_proj_qkvz / in_proj_ba out, conv channels + conv cache
-    "v_heads": TENSOR,  # GDN value heads: A_log, dt_bias, out_proj in, recurrent state
+    "heads": HEADS,  # attention query heads: q_proj out (per head [q | gate]), o_proj in
+    "kv_heads": HEADS,  # attention KV heads: k/v_proj out, KV cache
+    "k_heads": HEADS,  # GDN key heads: in_proj_qkvz / in_proj_ba out, conv channels + conv cache
+    "v_heads": HEADS,  # GDN value heads: A_log, dt_bias, out_proj in, recurrent state
     "ffw": TENSOR,  # shared expert and dense MLP intermediate
     "vocab": TENSOR,  # embedding rows, lm_head columns
-    "experts": EP,  # routed experts (ops.moe_experts runs them in expert_parallel)
+    "experts": (REP, EP),  # routed experts (ops.moe_experts runs them in expert_parallel)
     # routed experts' F is never split: gate_up is [E, D, gate F | up F], an even split of 2F
     # would put gate and up on different devices
 }
@@ -72,13 +76,18 @@ def make_mesh(
     tensor_parallel_size: int,
     expert_parallel_size: int | None = None,
     devices=None,
+    *,
+    attention_replicas: int = 1,
 ) -> Mesh:
-    """A (EP, TP / EP) mesh with axes ("ep", "tp") over the first `tensor_parallel_size` devices.
+    """A (R, EP / R, n / EP) mesh with axes ("rep", "ep", "tp") over the first
+    n = `tensor_parallel_size` devices.
 
-    expert_parallel_size defaults to the largest size dividing both the device count and the
-    expert count (the device count itself for the 80B model). Raises ValueError naming the
-    valid sizes when one does not divide."""
-    n = tensor_parallel_size
+    attention_replicas (R): copies of the attention and GDN weights; their heads split over
+    n / R devices (R = n: every device holds every head, and a layer's attention needs no
+    all-reduce). expert_parallel_size (EP): how many ways the routed experts split, a multiple
+    of R; by default the largest size dividing both n and the expert count (n itself for the
+    80B model). Raises ValueError naming the valid sizes when one does not divide."""
+    n, r = tensor_parallel_size, attention_replicas
     valid = valid_tensor_parallel_sizes(cfg)
     if not isinstance(n, int) or n not in valid:
         raise ValueError(
@@ -86,19 +95,27 @@ def make_mesh(
             f"({cfg.num_attention_heads}) and the GDN key heads ({cfg.linear_num_key_heads}); "
             f"valid sizes: {valid}"
         )
+    valid_r = [d for d in range(1, n + 1) if n % d == 0]
+    if not isinstance(r, int) or r not in valid_r:
+        raise ValueError(
+            f"attention_replicas={r} must divide tensor_parallel_size={n}; valid: {valid_r}"
+        )
     ep = expert_parallel_size
     if ep is None:
         ep = math.gcd(n, max(cfg.num_experts, 1))
-    valid_ep = [d for d in range(1, n + 1) if n % d == 0 and cfg.num_experts % d == 0]
+    valid_ep = [
+        d for d in range(1, n + 1) if n % d == 0 and cfg.num_experts % d == 0 and d % r == 0
+    ]
     if ep not in valid_ep:
         raise ValueError(
             f"expert_parallel_size={ep} must divide tensor_parallel_size={n} and num_experts="
-            f"{cfg.num_experts}; valid sizes: {valid_ep}"
+            f"{cfg.num_experts}, and be a multiple of attention_replicas={r}; valid sizes: "
+            f"{valid_ep}"
         )
     devices = list(jax.devices() if devices is None else devices)
     if len(devices) < n:
         raise ValueError(f"tensor_parallel_size={n} but only {len(devices)} devices are available")
-    return Mesh(np.array(devices[:n]).reshape(ep, n // ep), (EP, TP))
+    return Mesh(np.array(devices[:n]).reshape(r, ep // r, n // ep), (REP, EP, TP))
 
 
 # ---- logical axes -> PartitionSpec --------------------------------------------------------------

@@ -31,7 +31,9 @@ CFG = tiny_config(
     num_experts=16,
 )
 OPTS = RuntimeOptions(dtype="float32")
-T = ("ep", "tp")  # the tensor axis: the whole mesh
+T = sharding.TENSOR  # the whole mesh: vocab, the shared expert's ffw
+H = sharding.HEADS  # attention and GDN heads (replicated over the "rep" axis)
+E = sharding.RULES["experts"]
 
 
 def build(mesh=None, seed=0):
@@ -50,12 +52,44 @@ def reference():
     return ids, logits(build(), ids)
 
 
-@pytest.mark.parametrize("tp, ep", [(2, None), (4, None), (8, None), (8, 2)])
-def test_sharded_forward_equals_unsharded(tp, ep):
+@pytest.mark.parametrize(
+    "tp, ep, r", [(2, None, 1), (4, None, 1), (8, None, 1), (8, 2, 1), (2, None, 2), (8, 4, 2)]
+)
+def test_sharded_forward_equals_unsharded(tp, ep, r):
+    """r: attention replicas (heads split over tp / r devices, experts over ep)."""
     ids, want = reference()
-    mesh = sharding.make_mesh(CFG, tp, ep)
+    mesh = sharding.make_mesh(CFG, tp, ep, attention_replicas=r)
     got = logits(build(mesh), ids)
     assert np.max(np.abs(got - want)) / np.max(np.abs(want)) <= 1e-5
+
+
+def test_attention_replicas_drop_the_attention_all_reduce():
+    """With every device holding every head (attention_replicas = n) the attention and GDN
+    weights are whole on each device, the experts and vocab still split, and the compiled
+    forward has fewer all-reduces: the MoE's psum per layer remains, the attention's goes."""
+    ids, _ = reference()
+
+    def all_reduces(mesh):
+        graphdef, state = nnx.split(build(mesh))
+        fn = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i))
+        hlo = fn.lower(state, ids).compile().as_text()
+        return hlo.count(" all-reduce(") + hlo.count(" all-reduce-start(")
+
+    mesh = sharding.make_mesh(CFG, 2, attention_replicas=2)
+    assert dict(mesh.shape) == {"rep": 2, "ep": 1, "tp": 1}
+    specs = dict(
+        nnx.to_flat_state(
+            sharding.param_shardings(
+                nnx.state(nnx.eval_shape(lambda: build()), nnx.Param), mesh=mesh, cfg=CFG
+            )
+        )
+    )
+    layer = ("segments", 0, "group", "layers")
+    assert specs[(*layer, 0, "linear_attn", "in_proj_qkvz", "w")].is_fully_replicated
+    assert specs[(*layer, 0, "mlp", "gate_up")].spec == P(None, E, None, None)
+    assert specs[("lm_head", "w")].spec == P(None, T)
+    split, replicated = all_reduces(sharding.make_mesh(CFG, 2)), all_reduces(mesh)
+    assert replicated < split, (replicated, split)
 
 
 @pytest.mark.parametrize(
@@ -111,7 +145,7 @@ def test_kernels_run_per_device_on_their_heads():
 
 
 def test_parameter_shardings_follow_the_table():
-    mesh = sharding.make_mesh(CFG, 8, 2)  # ("ep", "tp") = (2, 4)
+    mesh = sharding.make_mesh(CFG, 8, 2)  # ("rep", "ep", "tp") = (1, 2, 4)
     specs = {
         p: s.spec
         for p, s in nnx.to_flat_state(
@@ -125,23 +159,23 @@ def test_parameter_shardings_follow_the_table():
     want = {
         ("embed_tokens",): P(T, None),
         ("lm_head", "w"): P(None, T),
-        (*attn, 0, "self_attn", "q_proj", "w"): P(None, None, T),
-        (*attn, 0, "self_attn", "o_proj", "w"): P(None, T, None),
+        (*attn, 0, "self_attn", "q_proj", "w"): P(None, None, H),
+        (*attn, 0, "self_attn", "o_proj", "w"): P(None, H, None),
         (*attn, 0, "self_attn", "k_proj", "w"): P(None, None, None),  # 2 KV heads, 8 devices
         (*attn, 0, "self_attn", "q_norm", "w"): P(None, None),
-        (*layer, 0, "linear_attn", "in_proj_qkvz", "w"): P(None, None, T),
-        (*layer, 0, "linear_attn", "in_proj_ba", "w"): P(None, None, T),
-        (*layer, 0, "linear_attn", "conv_w"): P(None, None, T),
-        (*layer, 0, "linear_attn", "A_log"): P(None, T),
-        (*layer, 0, "linear_attn", "dt_bias"): P(None, T),
-        (*layer, 0, "linear_attn", "out_proj", "w"): P(None, T, None),
+        (*layer, 0, "linear_attn", "in_proj_qkvz", "w"): P(None, None, H),
+        (*layer, 0, "linear_attn", "in_proj_ba", "w"): P(None, None, H),
+        (*layer, 0, "linear_attn", "conv_w"): P(None, None, H),
+        (*layer, 0, "linear_attn", "A_log"): P(None, H),
+        (*layer, 0, "linear_attn", "dt_bias"): P(None, H),
+        (*layer, 0, "linear_attn", "out_proj", "w"): P(None, H, None),
         (*layer, 0, "mlp", "gate", "w"): P(None, None, None),
-        (*layer, 0, "mlp", "gate_up"): P(None, "ep", None, None),
-        (*layer, 0, "mlp", "down"): P(None, "ep", None, None),
+        (*layer, 0, "mlp", "gate_up"): P(None, E, None, None),
+        (*layer, 0, "mlp", "down"): P(None, E, None, None),
         (*layer, 0, "mlp", "shared_expert", "gate_proj", "w"): P(None, None, T),
         (*layer, 0, "mlp", "shared_expert", "down_proj", "w"): P(None, T, None),
-        ("mtp", "layers", 0, "self_attn", "q_proj", "w"): P(None, T),  # MTP: like a decoder layer
-        ("mtp", "layers", 0, "mlp", "gate_up"): P("ep", None, None),
+        ("mtp", "layers", 0, "self_attn", "q_proj", "w"): P(None, H),  # MTP: like a decoder layer
+        ("mtp", "layers", 0, "mlp", "gate_up"): P(E, None, None),
     }
     for path, spec in want.items():
         assert specs[path] == spec, path
@@ -152,7 +186,7 @@ def test_parameter_shardings_follow_the_table():
         cfg=CFG,
     )
     k_proj = (*attn, 0, "self_attn", "k_proj", "w")
-    assert dict(nnx.to_flat_state(tp2))[k_proj].spec == P(None, None, T)
+    assert dict(nnx.to_flat_state(tp2))[k_proj].spec == P(None, None, H)
 
 
 def test_embedding_lookup_reads_only_local_rows():
@@ -172,13 +206,13 @@ def test_embedding_lookup_reads_only_local_rows():
 
 def test_cache_split_with_heads():
     model = nnx.eval_shape(lambda: build())
-    for tp, kv in ((2, T), (8, None)):
+    for tp, kv in ((2, H), (8, None)):
         mesh = sharding.make_mesh(CFG, tp)
         cache = sharding.shard_cache(model.init_cache(2, 16), mesh=mesh, cfg=CFG)
         gdn, attn = cache["layers"][0][0], cache["layers"][1][0]
         assert attn.k.sharding.spec == P(None, None, None, kv, None)
-        assert gdn.conv.sharding.spec == P(None, None, None, T)
-        assert gdn.state.sharding.spec == P(None, None, T, None, None)
+        assert gdn.conv.sharding.spec == P(None, None, None, H)
+        assert gdn.state.sharding.spec == P(None, None, H, None, None)
         assert cache["mtp"].v.sharding.spec == P(None, None, None, kv, None)
         direct = sharding.init_cache(model, 2, 16, mesh=mesh, cfg=CFG)  # made split, not moved
         assert jax.tree.map(
@@ -191,16 +225,25 @@ def test_make_mesh_rejects_sizes_that_do_not_divide():
         sharding.make_mesh(CFG, 3)
     with pytest.raises(ValueError, match="expert_parallel_size=3"):
         sharding.make_mesh(CFG, 8, 3)
+    with pytest.raises(
+        ValueError, match=r"attention_replicas=3 must divide .*valid: \[1, 2, 4, 8\]"
+    ):
+        sharding.make_mesh(CFG, 8, attention_replicas=3)
+    with pytest.raises(ValueError, match="a multiple of attention_replicas=4"):
+        sharding.make_mesh(CFG, 8, 2, attention_replicas=4)
 
 
-@pytest.mark.parametrize("impl, tp", [("auto", 4), ("pallas", 2), ("pallas", 4)])
-def test_greedy_generation_identical(impl, tp):
+@pytest.mark.parametrize(
+    "impl, tp, r", [("auto", 4, 1), ("pallas", 2, 1), ("pallas", 4, 1), ("pallas", 2, 2)]
+)
+def test_greedy_generation_identical(impl, tp, r):
     """The engine on a TP mesh generates the unsharded tokens. With the "pallas" impls the
     GDN and attention kernels run per device on their heads (interpret mode): the decode
     kernels read the split cache stacks in place and the GDN one writes its state there. At
     TP=4 the 2 KV heads are replicated, so attention (and the K/V projections) take XLA's
     path instead. The projection kernel runs per device on its columns, or on its rows of K
-    with the partial products summed across devices."""
+    with the partial products summed across devices. r: attention replicas (r = tp: every
+    device runs every head, the experts still split)."""
     from qnext_jax.engine import Engine, EngineConfig
     from qnext_jax.sampling import SamplingParams
 
@@ -220,7 +263,7 @@ def test_greedy_generation_identical(impl, tp):
         return [r.output_ids for r in reqs], engine
 
     want, _ = generate(build())
-    mesh = sharding.make_mesh(CFG, tp)
+    mesh = sharding.make_mesh(CFG, tp, attention_replicas=r)
     opts = dataclasses.replace(
         OPTS, mesh=mesh, gdn_impl=impl, attention_impl=impl, linear_impl=impl
     )
@@ -232,7 +275,8 @@ def test_greedy_generation_identical(impl, tp):
     assert engine.compiles["decode", 8] == 1
     # the cache stays split after prefill and decode (donated and returned with its sharding)
     state = engine.cache["layers"][0][0].state
-    assert state.sharding.is_equivalent_to(NamedSharding(mesh, P(None, None, T, None, None)), 5)
+    heads = H if r == 1 else None  # attention replicas: every device holds every head
+    assert state.sharding.is_equivalent_to(NamedSharding(mesh, P(None, None, heads, None, None)), 5)
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,15 @@ def test_tensor_parallel_size_must_divide_the_heads():
         sharding.make_mesh(QWEN3_NEXT_80B_A3B, 3)
 
 
+def test_attention_replicas_must_divide_the_devices():
+    from qnext_jax import LLM
+
+    with pytest.raises(
+        ValueError, match=r"attention_replicas=2 must divide tensor_parallel_size=1"
+    ):
+        LLM(attention_replicas=2)
+
+
 def test_on_eight_fake_devices():
     """Sharded forward == unsharded (TP/EP 2, 4, 8; KV heads split and replicated), the table's
     parameter and cache shardings, greedy generation, sharded loading (safetensors, orbax)."""
