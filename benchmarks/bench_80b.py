@@ -121,6 +121,7 @@ def decode_case(model, mesh, tp, batch, context, block, reps, profile, vocab, ta
     traces = engine.compiles["decode", block]
     cfg = model.config
     floor = floor_seconds(cfg, batch, context, devices=tp)
+    replicas = 1 if mesh is None else mesh.shape["rep"]
     row = dict(
         case=f"decode B={batch} ctx={context}{tag}"
         + (f" of {slots} slots" if slots > batch else ""),
@@ -133,6 +134,8 @@ def decode_case(model, mesh, tp, batch, context, block, reps, profile, vocab, ta
         prefill_with_compile_s=prefill_s,
         memory=device_memory(),
     )
+    if replicas > 1:  # the floor column stays the model's; this one is the layout's
+        row["layout_floor_ms"] = floor_seconds(cfg, batch, context, tp, replicas) * 1e3
     if profile:
         attach_profile(row, profile_decode, engine, block)
     record(**row)

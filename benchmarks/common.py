@@ -62,9 +62,15 @@ def decode_bytes(cfg, batch: int, context: int) -> dict[str, float]:
     }
 
 
-def floor_seconds(cfg, batch: int, context: int, devices: int = 1) -> float:
-    """decode_bytes / (devices x HBM bandwidth): every byte is read by exactly one device."""
-    return sum(decode_bytes(cfg, batch, context).values()) / (HBM_BPS * devices)
+def floor_seconds(
+    cfg, batch: int, context: int, devices: int = 1, attention_replicas: int = 1
+) -> float:
+    """decode_bytes / (devices x HBM bandwidth): every byte is read by exactly one device, but
+    attention and GDN bytes (weights, KV, state) once per attention replica."""
+    b = decode_bytes(cfg, batch, context)
+    b["attention"] *= attention_replicas
+    b["gdn"] *= attention_replicas
+    return sum(b.values()) / (HBM_BPS * devices)
 
 
 def prefill_flops(cfg, tokens: int) -> float:
