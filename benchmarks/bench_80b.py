@@ -70,7 +70,9 @@ def record(**row) -> dict:
 
 
 def build_model(cfg, tp: int, moe_impl: str, attention_replicas: int = 1):
-    mesh = sharding.make_mesh(cfg, tp, attention_replicas=attention_replicas) if tp > 1 else None
+    mesh = None
+    if tp > 1 or attention_replicas > 1:  # make_mesh rejects replicas that do not divide tp
+        mesh = sharding.make_mesh(cfg, tp, attention_replicas=attention_replicas)
     opts = RuntimeOptions(dtype="bfloat16", mesh=mesh, moe_impl=moe_impl)
     shardings_fn = functools.partial(sharding.param_shardings, mesh=mesh, cfg=cfg) if mesh else None
     t = time.perf_counter()

@@ -326,41 +326,7 @@ def bench_conv(B, T, rows, log):
         log(f"  conv B={B} T={T}: FAILED\n" + traceback.format_exc())
 
 
-def time_prep(q, k, v, g, beta, blocks, log):
-    """The state-independent prep kernel alone (one segment), us per call."""
-    from pallas_kernels.gated_delta_rule import chunk as chunk_mod
-
-    C = blocks.chunk
-    B, T, h, _ = q.shape
-    hv = v.shape[2]
-
-    def fn(a, s):
-        q, k, v, g, beta = a
-        gam = jnp.cumsum(g.transpose(0, 2, 1).reshape(B, hv, T // C, C), -1).reshape(B, hv, T)
-        bt = beta.astype(jnp.float32).transpose(0, 2, 1)
-        out = chunk_mod._prep(
-            q + s[:, :1, :1, :1].astype(q.dtype),
-            k,
-            v,
-            gam,
-            bt,
-            R=hv // h,
-            scale=K**-0.5,
-            blocks=blocks,
-            l2norm=True,
-            interpret=DRY,
-        )
-        return out[0], s + out[1][:, :, :1, :1].astype(s.dtype).reshape(B, hv, 1, 1)
-
-    s = jnp.zeros((B, 1, 1, 1), jnp.float32)
-    try:
-        return time_ours(fn, (q, k, v, g, beta), s, reps=3, wall=False)[0]
-    except Exception:
-        log("  prep: FAILED\n" + traceback.format_exc())
-        return float("nan")
-
-
-def prefill_sweep(log, configs=None, cases=None, reps=3, rounds=5, prep=True):
+def prefill_sweep(log, configs=None, cases=None, reps=3, rounds=5):
     """Every block config on every prefill case (default: the three targets, and one GPU's
     heads at tensor parallelism 2: 8 q/k, 16 v heads), fla beside, outputs checked against the
     first config. Prints one table of us per call (median of `rounds` programs of `reps`)."""
@@ -410,8 +376,6 @@ def prefill_sweep(log, configs=None, cases=None, reps=3, rounds=5, prep=True):
         except Exception:
             log(traceback.format_exc())
         row = {"fla": fla_us, "floor": prefill_floor_us(B, T, heads)}
-        for C in sorted({c.chunk for c in configs}) if prep else []:
-            row[f"prep C={C}"] = time_prep(q, k, v, g, beta, ChunkBlocks(chunk=C), log)
         o_first = None
         for blocks in configs:
             b = blocks
@@ -441,11 +405,7 @@ def prefill_sweep(log, configs=None, cases=None, reps=3, rounds=5, prep=True):
         cells = []
         for row in table.values():
             x = row.get(lab, float("nan"))
-            ratio = (
-                ""
-                if lab in ("fla", "floor") or lab.startswith("prep")
-                else f" ({x / row['fla']:.2f})"
-            )
+            ratio = "" if lab in ("fla", "floor") else f" ({x / row['fla']:.2f})"
             cells.append(f"{x:.1f}{ratio}")
         log(f"| {lab} | " + " | ".join(cells) + " |")
 
@@ -465,7 +425,6 @@ def main():
     ap.add_argument("--cases", nargs="*", default=[], help="sweep cases BxTxH (HV = 2H)")
     ap.add_argument("--reps", type=int, default=3, help="sweep: calls per timed program")
     ap.add_argument("--rounds", type=int, default=5, help="sweep: timed programs (median)")
-    ap.add_argument("--no-prep", action="store_true", help="sweep: skip the prep kernel alone")
     ap.add_argument("--log", default=None)
     args = ap.parse_args()
     logf = open(args.log, "w") if args.log else None
@@ -490,7 +449,7 @@ def main():
             for c, bv, sw, st in (map(int, x.split(",")) for x in args.configs)
         ]
         cases = [(b, t, (h, 2 * h)) for b, t, h in (map(int, x.split("x")) for x in args.cases)]
-        prefill_sweep(log, configs, cases, args.reps, args.rounds, prep=not args.no_prep)
+        prefill_sweep(log, configs, cases, args.reps, args.rounds)
         return
     rows = []
     R = dataclasses.replace

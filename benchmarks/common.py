@@ -227,17 +227,31 @@ def classify(kernel: str, hlo_op: str | None, names: dict[str, str]) -> str:
     return "other"
 
 
+_GPU_LINE = re.compile(r"/device:GPU:(\d+)\b")
+
+
+def _gpu_processes(trace) -> dict[int, int]:
+    """{trace pid: GPU id} of the trace's GPU process lines."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    out = {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            m = _GPU_LINE.search(str(e.get("args", {}).get("name", "")))
+            if m:
+                out[e["pid"]] = int(m.group(1))
+    return out
+
+
+def trace_gpus(trace) -> list[int]:
+    """The GPU ids a (loaded) trace has lines for."""
+    return sorted(set(_gpu_processes(trace).values()))
+
+
 def _device_events(trace: dict, device_id: int = 0):
     """Kernel / memcpy events on the given GPU's stream lines (not the derived "XLA Ops" and
     "XLA Modules" lines, which repeat them): (name, args, dur_us, ts_us)."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    pids = {
-        e["pid"]
-        for e in events
-        if e.get("ph") == "M"
-        and e.get("name") == "process_name"
-        and re.search(rf"/device:GPU:{device_id}\b", str(e.get("args", {}).get("name", "")))
-    }
+    pids = {pid for pid, gpu in _gpu_processes(trace).items() if gpu == device_id}
     threads = {
         (e["pid"], e["tid"]): str(e.get("args", {}).get("name", ""))
         for e in events

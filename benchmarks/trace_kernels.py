@@ -19,22 +19,27 @@ import collections
 import gzip
 import json
 import os
-import re
 import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import _device_events, classify, hlo_op_names  # noqa: E402
+from common import _device_events, classify, hlo_op_names, trace_gpus  # noqa: E402
 
 
-def events(trace_path: str, hlo_path: str | None, device: int):
+def load(trace_path: str, hlo_path: str | None):
+    """(the parsed trace, {HLO op: source scope} from the HLO text, or {})."""
     with gzip.open(trace_path) as fh:
         trace = json.load(fh)
     names = {}
     if hlo_path:
         with open(hlo_path) as fh:
             names = hlo_op_names(fh.read())
+    return trace, names
+
+
+def events(trace, names: dict[str, str], device: int):
+    """One GPU's kernels in time order: (ts, dur, name, component, scope)."""
     out = []
     for name, args, dur, ts in _device_events(trace, device):
         op = args.get("hlo_op", "")
@@ -42,20 +47,6 @@ def events(trace_path: str, hlo_path: str | None, device: int):
         out.append((ts, dur, name, classify(name, op or None, names), scope))
     out.sort()
     return out
-
-
-def trace_devices(trace_path: str) -> list[int]:
-    """The GPU ids a trace has stream lines for."""
-    with gzip.open(trace_path) as fh:
-        trace = json.load(fh)
-    evs = trace["traceEvents"] if isinstance(trace, dict) else trace
-    ids = set()
-    for e in evs:
-        if e.get("ph") == "M" and e.get("name") == "process_name":
-            m = re.search(r"/device:GPU:(\d+)\b", str(e.get("args", {}).get("name", "")))
-            if m:
-                ids.add(int(m.group(1)))
-    return sorted(ids)
 
 
 def collective_alignment(per_device: dict[int, list]) -> dict:
@@ -101,10 +92,11 @@ def collective_alignment(per_device: dict[int, list]) -> dict:
 
 
 def print_collectives(trace_path: str, hlo_path: str | None) -> None:
-    devices = trace_devices(trace_path)
+    trace, names = load(trace_path, hlo_path)
+    devices = trace_gpus(trace)
     if len(devices) < 2:
         sys.exit(f"--collectives needs a trace of several GPUs; {trace_path} has {devices}")
-    a = collective_alignment({d: events(trace_path, hlo_path, d) for d in devices})
+    a = collective_alignment({d: events(trace, names, d) for d in devices})
     if len(set(a["counts"].values())) > 1:
         print(f"collective kernels per GPU differ: {a['counts']}; pairing the first {a['n']}")
     print(f"{a['n']} collectives paired across GPUs {devices}; us summed over the trace:")
@@ -136,7 +128,7 @@ def main() -> None:
     if args.collectives:
         print_collectives(args.trace, args.hlo)
         return
-    evs = events(args.trace, args.hlo, args.device)
+    evs = events(*load(args.trace, args.hlo), args.device)
     if not evs:
         sys.exit(f"no kernel events for device {args.device} in {args.trace}")
     t0 = evs[0][0]

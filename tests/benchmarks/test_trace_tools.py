@@ -48,8 +48,9 @@ def two_gpu_trace(tmp_path):
 
 
 def test_collectives_are_paired_across_gpus(two_gpu_trace):
-    assert trace_kernels.trace_devices(two_gpu_trace) == [0, 1]
-    per = {d: trace_kernels.events(two_gpu_trace, None, d) for d in (0, 1)}
+    trace, names = trace_kernels.load(two_gpu_trace, None)
+    assert trace_kernels.trace_gpus(trace) == [0, 1]
+    per = {d: trace_kernels.events(trace, names, d) for d in (0, 1)}
     a = trace_kernels.collective_alignment(per)
     assert a["n"] == 2 and a["counts"] == {0: 2, 1: 2}
     g0, g1 = a["per_device"][0], a["per_device"][1]
