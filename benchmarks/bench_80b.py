@@ -35,6 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from common import (  # noqa: E402
     admit,
+    dataclass_changes,
     decode_bytes,
     device_memory,
     floor_seconds,
@@ -44,6 +45,7 @@ from common import (  # noqa: E402
 )
 from flax import nnx  # noqa: E402
 
+import pallas_kernels.moe as pallas_moe  # noqa: E402
 from qnext_jax import sharding  # noqa: E402
 from qnext_jax.cache import CacheSlots  # noqa: E402
 from qnext_jax.config import (  # noqa: E402
@@ -81,6 +83,12 @@ def build_model(cfg, tp: int, moe_impl: str, attention_replicas: int = 1):
     n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     log(f"random init: {n / 1e9:.2f} B parameters in {time.perf_counter() - t:.1f} s")
     return model, mesh
+
+
+def moe_blocks(spec: str):
+    """--moe-blocks: 'default' or 'key=value,...' of MoEBlocks' fields -> MoEBlocks."""
+    base = pallas_moe.MoEBlocks()
+    return dataclasses.replace(base, **dataclass_changes(spec, base))
 
 
 def with_options(model, **changes):
@@ -323,6 +331,13 @@ def main():
     ap.add_argument("--profile-prefill", type=int, nargs="*", default=[8192])
     ap.add_argument("--moe-impl", nargs="+", default=["auto"], help="decode cases per impl")
     ap.add_argument(
+        "--moe-blocks",
+        nargs="+",
+        default=["default"],
+        help="decode cases per MoE decode block setting: 'default' or key=value,... of "
+        "pallas_kernels.moe.MoEBlocks (e.g. gate_up_apart=1,down_stages=2)",
+    )
+    ap.add_argument(
         "--scan-layers",
         nargs="+",
         type=int,
@@ -395,7 +410,11 @@ def main():
             args.long_prompt_chunk,
             cfg.vocab_size,
         )
-    for impl, scan, lin in itertools.product(args.moe_impl, args.scan_layers, args.linear_impl):
+    blocks = [moe_blocks(spec) for spec in args.moe_blocks]  # fails early on a bad spec
+    for impl, scan, lin, (spec, mb) in itertools.product(
+        args.moe_impl, args.scan_layers, args.linear_impl, zip(args.moe_blocks, blocks, strict=True)
+    ):
+        pallas_moe.DECODE_BLOCKS = mb  # read when the engine below traces its decode step
         changes = {
             k: v
             for k, v in (("moe_impl", impl), ("scan_layers", bool(scan)), ("linear_impl", lin))
@@ -405,6 +424,7 @@ def main():
         tag = "" if len(args.moe_impl) == 1 else f" moe={impl}"
         tag += "" if scan else " unrolled"
         tag += "" if len(args.linear_impl) == 1 else f" linear={lin}"
+        tag += "" if len(args.moe_blocks) == 1 else f" moe-blocks={spec}"
         for b in args.batch:
             guarded(
                 decode_case,

@@ -15,7 +15,8 @@ is amortised), per call. --sweep times a few prefill block shapes at N = 8K; --r
 the decode row paths (grouped with results gathered back or stored by pair,
 MoEBlocks.y_by_pair; or a tile per pair, MoEBlocks.pair_tiles) at N = 1-16 over a stack of
 layers; --prefill-rows the prefill row paths (MoEBlocks.x_by_token, prefill_y_by_pair);
---decode-sweep the decode kernels' block shapes and split_d at N = 1 and 8, with all 512
+--decode-sweep the decode kernels' block shapes, split_d, gate and up apart (gate_up_apart) and
+down's pipeline depth at N = 1 and 8, with all 512
 experts on this device and with half of them (the other half's ids held elsewhere, as under
 2-way expert parallelism: ~5 of one token's 10 experts are local).
 """
@@ -34,7 +35,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from common import HBM_BPS, MATMUL_FLOPS, time_chained, time_layer_walk  # noqa: E402
+from common import (  # noqa: E402
+    HBM_BPS,
+    MATMUL_FLOPS,
+    dataclass_changes,
+    time_chained,
+    time_layer_walk,
+)
 
 from pallas_kernels.moe import (  # noqa: E402
     PREFILL_BLOCKS,
@@ -127,6 +134,14 @@ def main():
         action="store_true",
         help="prefill: down's blocks (block_dout, block_fin) and the results' dtype at N = 8K",
     )
+    ap.add_argument(
+        "--blocks",
+        nargs="+",
+        default=None,
+        help="--decode-sweep / --batch-sweep: these MoEBlocks changes instead of the built-in "
+        "grid ('default' or key=value,..., e.g. gate_up_apart=1,down_stages=2)",
+    )
+    ap.add_argument("--sweeps-only", action="store_true", help="skip the table of default cases")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args()
@@ -149,6 +164,8 @@ def main():
         print(f"\n{title}, us per layer ({L} layers' experts, each its own ids):")
         print("| blocks | " + " | ".join(f"N={n}, {e}/{E} local" for n, e in cases) + " |")
         print("|---|" + "---|" * len(cases))
+        if args.blocks:
+            grid = [dataclass_changes(spec, dec_blocks) for spec in args.blocks]
         for g in grid:
             b = dataclasses.replace(dec_blocks, **g)
             fn = functools.partial(moe_experts_decode, blocks=b, **interp)
@@ -163,7 +180,7 @@ def main():
 
     rows = []
     # decode: the touched experts' bytes are the floor
-    for N in (1, 4) if dry else (1, 16, 64):
+    for N in () if args.sweeps_only else (1, 4) if dry else (1, 16, 64):
         a = inputs(N, E, E, D, F, k)
         touched = len(np.unique(np.asarray(a[1])))
         floor = touched * 3 * D * F * 2 / HBM_BPS
@@ -175,7 +192,7 @@ def main():
     # prefill: the local pairs' FLOPs at the matmul ceiling are the floor
     cases = [(64, E, E // 2), (200, E, E)] if dry else [(1024, E, E // 2), (8192, E, E // 2),
                                                        (16384, E, E)]  # fmt: skip
-    for N, E_all, E_here in cases:
+    for N, E_all, E_here in () if args.sweeps_only else cases:
         a = inputs(N, E_all, E_here, D, F, k)
         pairs = int(jnp.sum(a[1] < E_here))
         floor = pairs * 3 * D * F * 2 / MATMUL_FLOPS
@@ -229,9 +246,19 @@ def main():
             dict(block_fin=256, block_dout=64),
             dict(num_stages=3),
             dict(num_stages=5),
+            dict(num_warps=8),
+            dict(down_stages=2),
+            dict(down_stages=3),
+            dict(down_stages=2, down_warps=8),
+            dict(gate_up_apart=True),
+            dict(gate_up_apart=True, down_stages=2),
+            dict(gate_up_apart=True, down_stages=3),
+            dict(gate_up_apart=True, down_stages=2, block_dout=64),
+            dict(gate_up_apart=True, num_stages=3, down_stages=2),
+            dict(gate_up_apart=True, split_d=2, down_stages=2),
         ]
         if dry:
-            grid = [{}, dict(split_d=2)]
+            grid = [{}, dict(split_d=2), dict(gate_up_apart=True, down_stages=2)]
         cases = [(1, E), (1, E // 2), (8, E // 2)] if not dry else [(1, E), (1, E // 2)]
         block_sweep("decode block sweep", grid, cases)
 

@@ -10,6 +10,7 @@ device's kernel events from the Perfetto JSON, and attribute each kernel to a bl
 from __future__ import annotations
 
 import collections
+import dataclasses
 import glob
 import gzip
 import json
@@ -99,6 +100,28 @@ def prefill_flops(cfg, tokens: int) -> float:
 
 
 # ---- timing and memory ----------------------------------------------------------------------
+def dataclass_changes(spec: str, base) -> dict:
+    """'default' -> {}; 'key=value,...' -> {key: value} over the integer / boolean / None-able
+    fields of the dataclass instance `base` (block settings given on a command line).
+    SystemExit naming the item and the allowed keys otherwise."""
+    if spec == "default":
+        return {}
+    fields = [
+        f.name
+        for f in dataclasses.fields(base)
+        if isinstance(getattr(base, f.name), (int, type(None)))  # bool is an int
+    ]
+    changes = {}
+    for item in spec.split(","):
+        key, _, value = item.partition("=")
+        if key not in fields or not value.lstrip("-").isdigit():
+            raise SystemExit(
+                f"{spec!r}: {item!r} must be key=integer with key one of " + ", ".join(fields)
+            )
+        changes[key] = bool(int(value)) if isinstance(getattr(base, key), bool) else int(value)
+    return changes
+
+
 def median_time(fn, reps: int = 5, warmup: int = 1) -> float:
     """Median wall seconds of fn() (which must block until its device work is done)."""
     for _ in range(warmup):

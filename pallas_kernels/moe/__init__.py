@@ -2,6 +2,7 @@
 kernels (decode and prefill)."""
 
 from pallas_kernels.moe.grouped import (
+    DECODE_BLOCKS,
     MAX_TOKENS,
     PREFILL_BLOCKS,
     MoEBlocks,
@@ -22,6 +23,7 @@ from pallas_kernels.moe.routing import (
 )
 
 __all__ = [
+    "DECODE_BLOCKS",
     "MAX_TOKENS",
     "MoEBlocks",
     "PREFILL_BLOCKS",

@@ -74,6 +74,17 @@ class MoEBlocks:
     # (the most that divide D / block_d evenly): more programs in flight when few experts are
     # touched; the fp32 parts are added and SwiGLU applied by XLA between the two kernels.
     split_d: int = 1
+    # gate and up as separate programs (a program per (tile, block_f columns of [gate | up]):
+    # twice the gate_up programs, each streaming one weight block per chunk, for the batches
+    # that fill few SMs otherwise: one token's 11 experts are 88 programs on 132 SMs). The
+    # fp32 sums go to memory ([P, 2F]) and down applies SwiGLU as it loads them (with split_d
+    # > 1, XLA does, after adding the parts). Results identical to the fused form.
+    gate_up_apart: bool = False
+    # down's pipeline depth and warps (None: num_stages / num_warps). At one token down has
+    # 11 x D / block_dout programs; at 4 stages one fits an SM's shared memory, so 176 of them
+    # take two waves on 132 SMs.
+    down_stages: int | None = None
+    down_warps: int | None = None
     # Grouped decode batches of y_by_pair[0] .. y_by_pair[1] tokens skip the gather of the
     # results back to pair order: down stores each result at its pair's row. H200, E=512, one
     # call (benchmarks/bench_moe.py): 8 tokens 178 -> 163 us; 1 token 40.5 -> 47 us, 16
@@ -117,6 +128,9 @@ class MoEBlocks:
 # per layer, 16K with all 512 4.44 -> 3.91 ms. Results stored by pair measured the same as
 # gathered back (XLA fuses that gather into the combine).
 PREFILL_BLOCKS = MoEBlocks(block_d=64, block_fin=64, num_stages=3)
+# The blocks the model's decode batches run with (`qnext_jax.ops` reads this name when it
+# traces a step, so a benchmark may put other blocks here before building an engine).
+DECODE_BLOCKS = MoEBlocks()
 
 
 def _tile(tile_ref, s):
@@ -133,7 +147,7 @@ def _tokens(rows_p, pairs):
     return jnp.where(rows_p < M, rows_p // k, jnp.minimum(rows_p - M, N - 1))
 
 
-def _gate_up_kernel(tile_ref, *refs, rows, block_f, block_d, split, shared, x_rows, pairs):
+def _gate_up_kernel(tile_ref, *refs, rows, block_f, block_d, split, apart, shared, x_rows, pairs):
     # tile_ref [U, 3] int32: slot s runs expert e on the grouped rows [start, start + cnt)
     # x_rows "grouped": x_ref [P, D] holds the grouped rows (R spare rows at the end);
     #   "pairs": pair_ref [P] int32 (each grouped row's pair; spare rows their own index)
@@ -146,7 +160,9 @@ def _gate_up_kernel(tile_ref, *refs, rows, block_f, block_d, split, shared, x_ro
     # out: h_ref [P, F] silu(gate) * up in x's dtype; rows of other slots left untouched.
     # With split > 1, program (s, f, j) sums the j-th of `split` parts of D and stores the
     # fp32 partial sums of gate and up in h_ref [split, P, 2F] (the caller adds the parts
-    # and applies SwiGLU).
+    # and applies SwiGLU). With `apart`, program (s, f, j) computes block f of the [2F]
+    # columns gate | up alone (gate for f < F / block_f) and stores its fp32 sums in h_ref
+    # [split, P, 2F] as well; SwiGLU is the down kernel's (split 1) or the caller's.
     pair_ref, refs = (refs[0], refs[1:]) if x_rows == "pairs" else (None, refs)
     if shared:
         x_ref, w_ref, layer_ref, sg_ref, su_ref, h_ref = refs
@@ -156,9 +172,10 @@ def _gate_up_kernel(tile_ref, *refs, rows, block_f, block_d, split, shared, x_ro
     F = w_ref.shape[2] // 2
     n_chunks = x_ref.shape[1] // block_d // split
     first = j * n_chunks if split > 1 else 0
-    gate = pl.ds(f * block_f, block_f)
+    gate = pl.ds(f * block_f, block_f)  # with `apart`: this program's columns of gate | up
 
     def run(start, cnt, load_w):
+        # load_w(d) -> the weight blocks [BD, BF] of this program: (gate, up), or (one,)
         mine = (jnp.arange(rows) < cnt)[:, None]  # [R, 1]: rows past cnt are the next expert's
         if x_rows != "grouped":
             if pair_ref is None:  # identity: grouped row j is pair j
@@ -175,41 +192,57 @@ def _gate_up_kernel(tile_ref, *refs, rows, block_f, block_d, split, shared, x_ro
             else:
                 cols = (d0 + jnp.arange(block_d))[None, :]
                 xs = plt.load(x_ref.at[tokens, cols], mask=mine, other=0)  # [R, BD]
-            wg, wu = (w.astype(xs.dtype) for w in load_w(d))  # [BD, BF] each
-            acc_g, acc_u = acc
-            acc_g += jnp.dot(xs, wg, preferred_element_type=jnp.float32)
-            acc_u += jnp.dot(xs, wu, preferred_element_type=jnp.float32)
-            return acc_g, acc_u
+            return tuple(
+                a + jnp.dot(xs, w.astype(xs.dtype), preferred_element_type=jnp.float32)
+                for a, w in zip(acc, load_w(d), strict=True)
+            )
 
         zeros = jnp.zeros((rows, block_f), jnp.float32)
-        acc_g, acc_u = jax.lax.fori_loop(0, n_chunks, body, (zeros, zeros))
-        if split > 1:
-            rows_j = pl.ds(start, rows)
-            plt.store(h_ref.at[j, rows_j, gate], acc_g, mask=mine)
-            plt.store(h_ref.at[j, rows_j, pl.ds(F + f * block_f, block_f)], acc_u, mask=mine)
+        acc = jax.lax.fori_loop(0, n_chunks, body, (zeros,) if apart else (zeros, zeros))
+        rows_j = pl.ds(start, rows)
+        if apart:
+            plt.store(h_ref.at[j, rows_j, gate], acc[0], mask=mine)
+        elif split > 1:
+            plt.store(h_ref.at[j, rows_j, gate], acc[0], mask=mine)
+            plt.store(h_ref.at[j, rows_j, pl.ds(F + f * block_f, block_f)], acc[1], mask=mine)
         else:
-            act = (jax.nn.silu(acc_g) * acc_u).astype(h_ref.dtype)  # [R, BF], rounded as the ref
-            plt.store(h_ref.at[pl.ds(start, rows), gate], act, mask=mine)
+            act = (jax.nn.silu(acc[0]) * acc[1]).astype(h_ref.dtype)  # rounded as the ref
+            plt.store(h_ref.at[rows_j, gate], act, mask=mine)
 
     if shared:
         u, n, m = shared
-        layer, Fs = layer_ref[0], sg_ref.shape[2]
+        layer, nf = layer_ref[0], sg_ref.shape[2] // block_f  # the shared expert's F blocks
+        start, cnt = m + (s - u) * rows, jnp.minimum(rows, n - (s - u) * rows)
 
-        @pl.when((s >= u) & (f < Fs // block_f))
+        @pl.when((s >= u) & (f < nf))
         def _shared():
-            start, cnt = m + (s - u) * rows, jnp.minimum(rows, n - (s - u) * rows)
-            run(start, cnt, lambda d: (sg_ref[layer, d, gate], su_ref[layer, d, gate]))
+            cols = lambda d: (sg_ref[layer, d, gate],)  # noqa: E731 (apart: gate alone)
+            if not apart:
+                cols = lambda d: (sg_ref[layer, d, gate], su_ref[layer, d, gate])  # noqa: E731
+            run(start, cnt, cols)
+
+        if apart:  # up's columns: program blocks F / block_f .. F / block_f + nf
+
+            @pl.when((s >= u) & (f >= F // block_f) & (f < F // block_f + nf))
+            def _shared_up():
+                up = pl.ds((f - F // block_f) * block_f, block_f)
+                run(start, cnt, lambda d: (su_ref[layer, d, up],))
 
     e, cnt, start = _tile(tile_ref, s)  # the shared tiles' slots are empty routed ones
 
     @pl.when(cnt > 0)
     def _routed():
-        up = pl.ds(F + f * block_f, block_f)
-        run(start, cnt, lambda d: (w_ref[e, d, gate], w_ref[e, d, up]))
+        if apart:  # one block of the [2F] columns gate | up
+            run(start, cnt, lambda d: (w_ref[e, d, gate],))
+        else:
+            up = pl.ds(F + f * block_f, block_f)
+            run(start, cnt, lambda d: (w_ref[e, d, gate], w_ref[e, d, up]))
 
 
-def _down_kernel(tile_ref, *refs, rows, block_dout, block_fin, scatter, shared):
+def _down_kernel(tile_ref, *refs, rows, block_dout, block_fin, scatter, shared, swiglu):
     # tile_ref as above  h_ref [P, F] silu(gate) * up  w_ref [E, F, D]
+    # (swiglu = x's dtype: h_ref [P, 2F] holds the fp32 sums gate | up, and silu(gate) * up
+    # is taken here as they are loaded, rounded to that dtype as gate_up would have)
     #   ->  y_ref [P, D] (fp32 or x's dtype); rows of other slots untouched. With
     # `scatter`, pair_ref [P] int32 first: each grouped row's result is stored at its pair's
     # row of y (token-major), not at its grouped row. With `shared` = (tile u, rows n, row m):
@@ -222,14 +255,19 @@ def _down_kernel(tile_ref, *refs, rows, block_dout, block_fin, scatter, shared):
         h_ref, w_ref, y_ref = refs
     s, o = pl.program_id(0), pl.program_id(1)
     out = pl.ds(o * block_dout, block_dout)
+    F = h_ref.shape[1] // 2 if swiglu else h_ref.shape[1]
 
     def reduce(start, cnt, width, load_w):
         mine = (jnp.arange(rows) < cnt)[:, None]  # [R, 1]
 
         def body(i, acc):
-            f = pl.ds(pl.multiple_of(i * block_fin, block_fin), block_fin)
+            f0 = pl.multiple_of(i * block_fin, block_fin)
+            f, h_rows = pl.ds(f0, block_fin), pl.ds(start, rows)
             # Masked: h rows past the last slot's run were never written (uninitialised).
-            hs = plt.load(h_ref.at[pl.ds(start, rows), f], mask=mine, other=0)  # [R, BFin]
+            hs = plt.load(h_ref.at[h_rows, f], mask=mine, other=0)  # [R, BFin]
+            if swiglu:
+                up = plt.load(h_ref.at[h_rows, pl.ds(F + f0, block_fin)], mask=mine, other=0)
+                hs = (jax.nn.silu(hs) * up).astype(swiglu)
             return acc + jnp.dot(hs, load_w(f).astype(hs.dtype), preferred_element_type=jnp.float32)
 
         zeros = jnp.zeros((rows, block_dout), jnp.float32)
@@ -250,7 +288,7 @@ def _down_kernel(tile_ref, *refs, rows, block_dout, block_fin, scatter, shared):
 
     @pl.when(cnt > 0)
     def _routed():
-        mine, acc = reduce(start, cnt, h_ref.shape[1], lambda f: w_ref[e, f, out])
+        mine, acc = reduce(start, cnt, F, lambda f: w_ref[e, f, out])
         if scatter:
             pairs = pair_ref[pl.ds(start, rows)][:, None]  # [R, 1]
             cols = (o * block_dout + jnp.arange(block_dout))[None, :]
@@ -386,6 +424,7 @@ def _grouped_experts(
         raise ValueError(f"split_d={blocks.split_d!r} must be an integer >= 1")
     # the most parts, up to split_d, that divide the D / BD chunks evenly
     S = max(s for s in range(1, blocks.split_d + 1) if (D // BD) % s == 0)
+    apart = bool(blocks.gate_up_apart)
     gate_up_extra = (*extra, sg, su) if shared is not None else ()
     h_grouped = pl.pallas_call(
         functools.partial(
@@ -394,23 +433,27 @@ def _grouped_experts(
             block_f=BF,
             block_d=BD,
             split=S,
+            apart=apart,
             shared=shared_tile,
             x_rows=x_rows,
             pairs=(M, k, N),
         ),
-        grid=(U, F // BF, S),
+        grid=(U, (2 if apart else 1) * F // BF, S),
         in_specs=[whole] * (1 + len(pairs) + 2 + len(gate_up_extra)),
         out_specs=whole,
         out_shape=jax.ShapeDtypeStruct((P, F), x.dtype)
-        if S == 1
+        if S == 1 and not apart
         else jax.ShapeDtypeStruct((S, P, 2 * F), jnp.float32),
         compiler_params=compiler_params(blocks.num_warps, blocks.num_stages),
         interpret=interpret,
         name="moe_gate_up",
     )(tiles, *pairs, x_grouped, w_gate_up, *gate_up_extra)
+    swiglu = None  # down applies SwiGLU to gate_up's fp32 sums (one part, apart)
     if S > 1:  # the parts' sums, then SwiGLU rounded to x's dtype as in the kernel
         gu = jnp.sum(h_grouped, axis=0)
         h_grouped = (jax.nn.silu(gu[:, :F]) * gu[:, F:]).astype(x.dtype)
+    elif apart:
+        h_grouped, swiglu = h_grouped[0], x.dtype  # [P, 2F]: a reshape, no copy
     down_extra = (*extra, sd) if shared is not None else ()
     y_out = pl.pallas_call(
         functools.partial(
@@ -420,12 +463,15 @@ def _grouped_experts(
             block_fin=BFin,
             scatter=y_by_pair,
             shared=shared_tile,
+            swiglu=swiglu,
         ),
         grid=(U, D // BO),
         in_specs=[whole] * (1 + len(y_rows) + 2 + len(down_extra)),
         out_specs=whole,
         out_shape=jax.ShapeDtypeStruct((P, D), out_dtype),
-        compiler_params=compiler_params(blocks.num_warps, blocks.num_stages),
+        compiler_params=compiler_params(
+            blocks.down_warps or blocks.num_warps, blocks.down_stages or blocks.num_stages
+        ),
         interpret=interpret,
         name="moe_down",
     )(tiles, *y_rows, h_grouped, w_down, *down_extra)

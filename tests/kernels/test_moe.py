@@ -150,6 +150,39 @@ def test_shared_expert_as_an_extra_tile(N, pair_tiles, y_by_pair, split_d, stack
     assert rel_err(h_shared, run(shared_expert_ref, x, sg, su, sd)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("N, split_d, dtype", [(1, 1, jnp.bfloat16), (17, 2, jnp.float32)])
+def test_gate_and_up_apart_equal_the_fused_kernel(N, split_d, dtype):
+    """gate_up_apart: gate's and up's columns in programs of their own, SwiGLU applied by down
+    as it loads their fp32 sums (split_d 1) or by XLA after adding the parts (2). With the
+    shared expert's tiles (Fs = 32 < F = 64) and foreign ids: equal to the fused kernel's
+    results (the same sums in the same order) and to the references."""
+    x, experts, w_gate_up, w_down = moe_inputs(N, 3, 8, 64, 64, dtype, seed=N, off_device=0.3)
+    rng = np.random.default_rng(N + 2)
+    sg, su = (jnp.asarray(rng.standard_normal((64, 32)) * 64**-0.5, dtype) for _ in range(2))
+    sd = jnp.asarray(rng.standard_normal((32, 64)) * 32**-0.5, dtype)
+    outs = []
+    for apart in (False, True):
+        blocks = dataclasses.replace(SMALL, split_d=split_d, gate_up_apart=apart, down_stages=2)
+        outs.append(
+            run(
+                moe_experts_decode,
+                x,
+                experts,
+                w_gate_up,
+                w_down,
+                shared=(sg, su, sd),
+                interpret=INTERPRET,
+                blocks=blocks,
+            )
+        )
+    (h_fused, s_fused), (h, h_shared) = outs
+    if INTERPRET:  # on the GPU the two programs' dot tilings may round differently
+        assert np.array_equal(np.asarray(h), np.asarray(h_fused))
+        assert np.array_equal(np.asarray(h_shared), np.asarray(s_fused))
+    assert rel_err(h, run(moe_experts_decode_ref, x, experts, w_gate_up, w_down)) < TOL[dtype]
+    assert rel_err(h_shared, run(shared_expert_ref, x, sg, su, sd)) < TOL[dtype]
+
+
 def test_shared_expert_contract():
     x, experts, w_gate_up, w_down = moe_inputs(2, 2, 8, 64, 32, jnp.float32)
     w = jnp.zeros((64, 48), x.dtype)  # Fs = 48 > F = 32
