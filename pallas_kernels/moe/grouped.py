@@ -85,6 +85,10 @@ class MoEBlocks:
     # take two waves on 132 SMs.
     down_stages: int | None = None
     down_warps: int | None = None
+    # One token's pair tiles read x from an XLA broadcast of its row to the P grouped rows
+    # (one small fusion per layer); False: gate_up loads the row itself, each tile's one real
+    # row by a masked load, like the pair tiles of several tokens.
+    broadcast_one_token: bool = True
     # Grouped decode batches of y_by_pair[0] .. y_by_pair[1] tokens skip the gather of the
     # results back to pair order: down stores each result at its pair's row. H200, E=512, one
     # call (benchmarks/bench_moe.py): 8 tokens 178 -> 163 us; 1 token 40.5 -> 47 us, 16
@@ -401,7 +405,7 @@ def _grouped_experts(
         extra, shared_tile = (shared_layer.reshape(1),), (U - n_shared, N, M)
     identity = order is None  # grouped row j is pair j (token j // k)
     pairs = ()  # gate_up's pair_ref, where it reads x by token through the grouping
-    if identity and N == 1:
+    if identity and N == 1 and blocks.broadcast_one_token:
         # (gate_up reading x's one row and broadcasting it in registers ran at half speed:
         # 22 vs 11 us per layer on the 80B at batch 1)
         x_rows, x_grouped, y_by_pair = "grouped", jnp.broadcast_to(x, (P, x.shape[1])), False

@@ -85,15 +85,17 @@ def test_results_by_pair_or_gathered_agree(y_by_pair, x_by_token):
     assert rel_err(h, run(moe_experts_decode_ref, *args)) < TOL[jnp.float32]
 
 
-@pytest.mark.parametrize("N, pair_tiles", [(1, 0), (1, 1), (5, 8)])
-def test_pair_tiles_or_grouped(N, pair_tiles):
-    """Each pair its own tile (one token; five tokens sharing experts), or the general
-    grouping; foreign ids (== E, negative) among them give zero rows either way, with the
-    weights stacked."""
+@pytest.mark.parametrize(
+    "N, pair_tiles, broadcast", [(1, 0, True), (1, 1, True), (1, 1, False), (5, 8, True)]
+)
+def test_pair_tiles_or_grouped(N, pair_tiles, broadcast):
+    """Each pair its own tile (one token, its row broadcast or loaded by the kernel; five
+    tokens sharing experts), or the general grouping; foreign ids (== E, negative) among
+    them give zero rows either way, with the weights stacked."""
     x, experts, w_gate_up, w_down = moe_inputs(N, 4, 8, 64, 32, jnp.float32, seed=4)
     experts = experts.at[0, 1].set(8).at[0, 3].set(-1)
     stack_gu, stack_d = jnp.stack([w_gate_up * 0.5, w_gate_up]), jnp.stack([w_down, w_down])
-    blocks = dataclasses.replace(SMALL, pair_tiles=pair_tiles)
+    blocks = dataclasses.replace(SMALL, pair_tiles=pair_tiles, broadcast_one_token=broadcast)
     h = run(
         moe_experts_decode, x, experts, stack_gu, stack_d, 1, interpret=INTERPRET, blocks=blocks
     )
