@@ -48,6 +48,13 @@ def moe_inputs(N, k, E, D, F, dtype, seed=0, off_device=0.0, w_dtype=None):
     )
 
 
+def shared_inputs(D, Fs, dtype, seed):
+    """The shared expert's w_gate, w_up [D, Fs] and w_down [Fs, D], unit-size outputs."""
+    rng = np.random.default_rng(seed)
+    sg, su = (jnp.asarray(rng.standard_normal((D, Fs)) * D**-0.5, dtype) for _ in range(2))
+    return sg, su, jnp.asarray(rng.standard_normal((Fs, D)) * Fs**-0.5, dtype)
+
+
 def _kernel(x, experts, w_gate_up, w_down, blocks=SMALL):
     return run(
         moe_experts_decode, x, experts, w_gate_up, w_down, interpret=INTERPRET, blocks=blocks
@@ -134,9 +141,7 @@ def test_shared_expert_as_an_extra_tile(N, pair_tiles, y_by_pair, split_d, stack
     and storing the results; stacked weights read at the layer (the shared expert's may be
     one layer's while the routed ones are stacked)."""
     x, experts, w_gate_up, w_down = moe_inputs(N, 3, 8, 64, 64, dtype, seed=N, off_device=0.3)
-    rng = np.random.default_rng(N + 1)
-    sg, su = (jnp.asarray(rng.standard_normal((64, 32)) * 64**-0.5, dtype) for _ in range(2))
-    sd = jnp.asarray(rng.standard_normal((32, 64)) * 32**-0.5, dtype)
+    sg, su, sd = shared_inputs(64, 32, dtype, seed=N + 1)
     blocks = dataclasses.replace(SMALL, pair_tiles=pair_tiles, y_by_pair=y_by_pair, split_d=split_d)
     args, shared, layer = (x, experts, w_gate_up, w_down), (sg, su, sd), None
     if stacked:  # layer 1 of 2; the other layer's weights differ
@@ -159,9 +164,7 @@ def test_gate_and_up_apart_equal_the_fused_kernel(N, split_d, dtype):
     shared expert's tiles (Fs = 32 < F = 64) and foreign ids: equal to the fused kernel's
     results (the same sums in the same order) and to the references."""
     x, experts, w_gate_up, w_down = moe_inputs(N, 3, 8, 64, 64, dtype, seed=N, off_device=0.3)
-    rng = np.random.default_rng(N + 2)
-    sg, su = (jnp.asarray(rng.standard_normal((64, 32)) * 64**-0.5, dtype) for _ in range(2))
-    sd = jnp.asarray(rng.standard_normal((32, 64)) * 32**-0.5, dtype)
+    sg, su, sd = shared_inputs(64, 32, dtype, seed=N + 2)
     outs = []
     for apart in (False, True):
         blocks = dataclasses.replace(SMALL, split_d=split_d, gate_up_apart=apart, down_stages=2)
