@@ -350,6 +350,9 @@ def main():
     ap.add_argument(
         "--linear-impl", nargs="+", default=["auto"], help="decode cases per projection impl"
     )
+    ap.add_argument(
+        "--norm-impl", nargs="+", default=["auto"], help="decode cases per norm impl (auto / xla)"
+    )
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--slots", type=int, default=0, help="engine slots (default: the batch)")
     ap.add_argument("--reps", type=int, default=3)
@@ -411,19 +414,29 @@ def main():
             cfg.vocab_size,
         )
     blocks = [moe_blocks(spec) for spec in args.moe_blocks]  # fails early on a bad spec
-    for impl, scan, lin, (spec, mb) in itertools.product(
-        args.moe_impl, args.scan_layers, args.linear_impl, zip(args.moe_blocks, blocks, strict=True)
+    for impl, scan, lin, norm, (spec, mb) in itertools.product(
+        args.moe_impl,
+        args.scan_layers,
+        args.linear_impl,
+        args.norm_impl,
+        zip(args.moe_blocks, blocks, strict=True),
     ):
         pallas_moe.DECODE_BLOCKS = mb  # read when the engine below traces its decode step
         changes = {
             k: v
-            for k, v in (("moe_impl", impl), ("scan_layers", bool(scan)), ("linear_impl", lin))
+            for k, v in (
+                ("moe_impl", impl),
+                ("scan_layers", bool(scan)),
+                ("linear_impl", lin),
+                ("norm_impl", norm),
+            )
             if v != getattr(model.opts, k)
         }
         m = with_options(model, **changes) if changes else model
         tag = "" if len(args.moe_impl) == 1 else f" moe={impl}"
         tag += "" if scan else " unrolled"
         tag += "" if len(args.linear_impl) == 1 else f" linear={lin}"
+        tag += "" if len(args.norm_impl) == 1 else f" norm={norm}"
         tag += "" if len(args.moe_blocks) == 1 else f" moe-blocks={spec}"
         for b in args.batch:
             guarded(

@@ -240,6 +240,8 @@ def classify(kernel: str, hlo_op: str | None, names: dict[str, str]) -> str:
             return "attention"
         if low.startswith("linear"):  # pallas_kernels/linear: every block's projections
             return "projections"
+        if low.startswith("rms_norm"):  # pallas_kernels/rms_norm: the layers' norms
+            return "other"
         return "other (unattributed)"
     if _COLLECTIVE.search(op):
         return "collectives"

@@ -312,6 +312,8 @@ class RuntimeOptions:
     moe_impl: Literal["auto", "pallas", "gather", "grouped", "ragged", "dense"] = "auto"
     # projections of decode-sized batches: "auto" = the Pallas kernel on the GPU (ops.linear)
     linear_impl: Literal["auto", "pallas", "xla"] = "auto"
+    # the decoder layers' norms (residual add folded in) at decode sizes: "auto" = Pallas on GPU
+    norm_impl: Literal["auto", "pallas", "xla"] = "auto"
     chunk_size: int = 64
     scan_layers: bool = True
     mesh: Any = None  # jax.sharding.Mesh for tensor / expert parallelism (qnext_jax.sharding)

@@ -52,16 +52,37 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """Zero-centred RMSNorm: y = x_hat * (1 + w), computed in fp32, cast after the multiply."""
+    """Zero-centred RMSNorm: y = x_hat * (1 + w), computed in fp32, cast after the multiply.
 
-    def __init__(self, dim: int, eps: float, *, dtype, rngs: nnx.Rngs | None = None):
+    opts: where given, decode-sized inputs may take the Pallas norm kernel (opts.norm_impl,
+    ops.rms_norm); without, always XLA."""
+
+    def __init__(
+        self,
+        dim: int,
+        eps: float,
+        *,
+        dtype,
+        rngs: nnx.Rngs | None = None,
+        opts: RuntimeOptions | None = None,
+    ):
         self.w = nnx.Param(jnp.zeros((dim,), dtype))
         self.eps = eps
+        self.impl, self.mesh = (opts.norm_impl, opts.mesh) if opts else ("xla", None)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (xf * (1.0 + self.w[...].astype(jnp.float32))).astype(x.dtype)
+    def __call__(self, x: jax.Array, layer: jax.Array | None = None, *, residual=None):
+        """norm(x), or (norm(x + residual), x + residual) with a residual stream given.
+        layer: picks this layer's weight where w is a LayerStack's whole stack [L, D]."""
+        w = self.w[...]
+        return ops.rms_norm(
+            x,
+            w,
+            layer if w.ndim == 2 else None,
+            residual=residual,
+            eps=self.eps,
+            impl=self.impl,
+            mesh=self.mesh,
+        )
 
 
 class GatedRMSNorm(nnx.Module):

@@ -33,27 +33,35 @@ Kind = tuple[str, bool]  # (layer type, is MoE)
 
 
 class DecoderLayer(nnx.Module):
-    """x + mixer(norm(x)), then + mlp(norm(x)); mixer is GDN or gated attention by the pattern."""
+    """x + mixer(norm(x)), then + mlp(norm(x)); mixer is GDN or gated attention by the pattern.
+
+    The layers pass the residual stream on as a pair (x, h): x, and the last block's output h
+    not yet added to it. Each norm adds it first (x + h, then the norm of that: one kernel at
+    decode, ops.rms_norm), as vLLM's fused add + RMSNorm; the sums are the same bf16 adds."""
 
     def __init__(self, cfg: Qwen3NextConfig, opts: RuntimeOptions, kind: Kind, *, dtype, rngs):
         layer_type, is_moe = kind
         self.layer_type, self.mesh = layer_type, opts.mesh
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        D, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(D, eps, dtype=dtype, opts=opts)
         if layer_type == LINEAR:
             self.linear_attn = GatedDeltaNet(cfg, opts, dtype=dtype, rngs=rngs)
         else:
             self.self_attn = GatedAttention(cfg, opts, dtype=dtype, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(D, eps, dtype=dtype, opts=opts)
         if is_moe:
             self.mlp = SparseMoE(cfg, opts, dtype=dtype, rngs=rngs)
         else:
-            self.mlp = SwiGLU(
-                cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs, opts=opts
-            )
+            self.mlp = SwiGLU(D, cfg.intermediate_size, dtype=dtype, rngs=rngs, opts=opts)
 
-    def __call__(self, x, rope, positions, cache, slots=None, collect_states=False, layer=None):
+    def __call__(
+        self, stream, rope, positions, cache, slots=None, collect_states=False, layer=None
+    ):
+        """stream: (x, h) [B, T, D] each, the residual stream and the pending block output
+        (zeros before the first layer). Returns ((x, mlp output), cache, GDN states)."""
+        x, h = stream
         # named scopes label the compiled ops by block (benchmarks/profile_step.py reads them)
-        h = self.input_layernorm(x)
+        h, x = self.input_layernorm(h, layer, residual=x)  # x += h; h = norm(x)
         states = None
         if self.layer_type == LINEAR:
             with jax.named_scope("gdn"):
@@ -65,16 +73,15 @@ class DecoderLayer(nnx.Module):
         else:
             with jax.named_scope("attention"):
                 h, cache = self.self_attn(h, *rope, positions, cache, slots, layer)
-        x = constrain(x + h, RESIDUAL, self.mesh)  # residual adds in the activation dtype
-        h = self.post_attention_layernorm(x)
+        h, x = self.post_attention_layernorm(h, layer, residual=constrain(x, RESIDUAL, self.mesh))
         if isinstance(self.mlp, SparseMoE):
             with jax.named_scope("moe"):
                 h = self.mlp(h, layer=layer, valid=positions >= 0)
         else:
             with jax.named_scope("mlp"):
                 h = self.mlp(h, layer)
-        x = constrain(x + h, RESIDUAL, self.mesh)
-        return x, cache, states
+        stream = tuple(constrain(a, RESIDUAL, self.mesh) for a in (x, h))
+        return stream, cache, states
 
 
 class LayerGroup(nnx.Module):
@@ -85,13 +92,15 @@ class LayerGroup(nnx.Module):
             [DecoderLayer(cfg, opts, k, dtype=dtype, rngs=rngs) for k in pattern]
         )
 
-    def __call__(self, x, rope, positions, caches, slots=None, collect_states=False, layer=None):
+    def __call__(
+        self, stream, rope, positions, caches, slots=None, collect_states=False, layer=None
+    ):
         new_caches, states = [], []
         for block, cache in zip(self.layers, caches, strict=True):
-            x, cache, st = block(x, rope, positions, cache, slots, collect_states, layer)
+            stream, cache, st = block(stream, rope, positions, cache, slots, collect_states, layer)
             new_caches.append(cache)
             states.append(st)
-        return x, tuple(new_caches), tuple(states)
+        return stream, tuple(new_caches), tuple(states)
 
 
 def segment_layers(kinds: tuple[Kind, ...]) -> list[tuple[int, int, int]]:
@@ -126,7 +135,8 @@ class LayerStack(nnx.Module):
         self.pattern, self.repeats, self.scan = pattern, repeats, opts.scan_layers
         self.linear_impl = opts.linear_impl
 
-    def __call__(self, x, rope, positions, caches, slots=None, collect_states=False):
+    def __call__(self, stream, rope, positions, caches, slots=None, collect_states=False):
+        """stream: (x, h), the residual stream and the pending block output (DecoderLayer)."""
         graphdef, params = nnx.split(self.group)
         # The routed experts' stacks stay whole: each layer's kernel call gets the stack and
         # the layer index. Sliced per layer, they would be copied every step (a slice cannot
@@ -135,19 +145,19 @@ class LayerStack(nnx.Module):
         # Decode-sized batches keep the projections' stacks whole too: the Pallas projection
         # kernel reads its layer in place (sliced, each layer's weights were copied before
         # their dots, ~0.6 ms per step on the 80B model); larger batches slice them for XLA.
-        # So do the GDN decode kernels' small weights (conv_w, A_log, dt_bias): their slices'
-        # copies ran as memcpys between XLA's command buffers, splitting them.
+        # So do the GDN decode kernels' small weights (conv_w, A_log, dt_bias) and the norms':
+        # their slices' copies ran as memcpys between XLA's command buffers, splitting them.
         keep_whole = _expert_stack
-        if ops.linear_kernel_applies(self.linear_impl, math.prod(x.shape[:-1])):
+        if ops.linear_kernel_applies(self.linear_impl, math.prod(stream[0].shape[:-1])):
             keep_whole = _kernel_weight_stack
         whole = nnx.filter_state(params, keep_whole)
         sliced = nnx.filter_state(params, lambda path, v: not keep_whole(path, v))
 
-        def body(h, caches, p, i):
+        def body(stream, caches, p, i):
             group = nnx.merge(graphdef, p, whole)
             views = tuple(None if c is None else LayerCache(c, i) for c in caches)
-            h, views, st = group(h, rope, positions, views, slots, collect_states, layer=i)
-            return h, tuple(None if v is None else v.stack for v in views), st
+            stream, views, st = group(stream, rope, positions, views, slots, collect_states, i)
+            return stream, tuple(None if v is None else v.stack for v in views), st
 
         if self.scan and self.repeats > 1:
             # The cache stacks ride in the carry and each layer writes into them at its index
@@ -156,17 +166,18 @@ class LayerStack(nnx.Module):
             # every step (~3 ms of a 31 ms step at batch 64); sliced per layer in the carry,
             # each layer's slice was still copied out and back (~3.4 ms of 28 ms).
             def carried(carry, xs):
-                h, cs, st = body(*carry, *xs)
-                return (h, cs), st
+                stream, cs, st = body(*carry, *xs)
+                return (stream, cs), st
 
             layers = jnp.arange(self.repeats, dtype=jnp.int32)
-            (x, caches), states = jax.lax.scan(carried, (x, caches), (sliced, layers))
-            return x, caches, states
+            (stream, caches), states = jax.lax.scan(carried, (stream, caches), (sliced, layers))
+            return stream, caches, states
         states = []
         for i in range(self.repeats):
-            x, caches, st = body(x, caches, jax.tree.map(lambda a, i=i: a[i], sliced), i)
+            p = jax.tree.map(lambda a, i=i: a[i], sliced)
+            stream, caches, st = body(stream, caches, p, i)
             states.append(st)
-        return x, caches, jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+        return stream, caches, jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
 def _expert_stack(path, _value) -> bool:
@@ -175,10 +186,12 @@ def _expert_stack(path, _value) -> bool:
 
 
 def _kernel_weight_stack(path, value) -> bool:
-    """The routed experts', the projections' (Linear.w, [L, in, out]) and the GDN kernels'
-    (conv_w, A_log, dt_bias) weights of a LayerStack: kernels read their layer in place."""
+    """The routed experts', the projections' (Linear.w, [L, in, out]), the GDN kernels'
+    (conv_w, A_log, dt_bias) and the layers' norms' ([L, D]) weights of a LayerStack: kernels
+    read their layer in place."""
     gdn = path[-1] in ("conv_w", "A_log", "dt_bias")
-    return _expert_stack(path, value) or gdn or (path[-1] == "w" and value.ndim == 3)
+    norm = len(path) > 1 and path[-2] in ("input_layernorm", "post_attention_layernorm")
+    return _expert_stack(path, value) or gdn or norm or (path[-1] == "w" and value.ndim == 3)
 
 
 @dataclasses.dataclass
@@ -218,7 +231,7 @@ class Qwen3NextForCausalLM(nnx.Module):
                 for s, p, r in segment_layers(kinds)
             ]
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, opts=opts)
         self.lm_head = (
             None
             if cfg.tie_word_embeddings
@@ -292,13 +305,14 @@ class Qwen3NextForCausalLM(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         x = self.embed(input_ids)
         rope = self.rope(positions)
+        stream = (x, jnp.zeros_like(x))  # (residual stream, pending block output)
         new_caches, states = [], []
         for i, seg in enumerate(self.segments):
             seg_cache = cache["layers"][i] if cache is not None else (None,) * len(seg.pattern)
-            x, c, st = seg(x, rope, positions, seg_cache, slots, collect_states)
+            stream, c, st = seg(stream, rope, positions, seg_cache, slots, collect_states)
             new_caches.append(c)
             states.append(st)
-        hidden = self.norm(x)
+        hidden, _ = self.norm(stream[1], residual=stream[0])
         new_cache = None
         if cache is not None:
             new_cache = {"layers": tuple(new_caches), "mtp": cache["mtp"]}

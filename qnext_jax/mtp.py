@@ -23,8 +23,8 @@ class MultiTokenPredictor(nnx.Module):
         from qnext_jax.model import DecoderLayer
 
         D, eps = cfg.hidden_size, cfg.rms_norm_eps
-        self.pre_fc_norm_embedding = RMSNorm(D, eps, dtype=dtype)
-        self.pre_fc_norm_hidden = RMSNorm(D, eps, dtype=dtype)
+        self.pre_fc_norm_embedding = RMSNorm(D, eps, dtype=dtype, opts=opts)
+        self.pre_fc_norm_hidden = RMSNorm(D, eps, dtype=dtype, opts=opts)
         self.fc = Linear(2 * D, D, dtype=dtype, rngs=rngs, axes=(None, "embed"), opts=opts)
         self.layers = nnx.List(
             [
@@ -32,7 +32,7 @@ class MultiTokenPredictor(nnx.Module):
                 for i in range(cfg.num_mtp_layers)
             ]
         )
-        self.norm = RMSNorm(D, eps, dtype=dtype)
+        self.norm = RMSNorm(D, eps, dtype=dtype, opts=opts)
 
     def __call__(self, embeds, hidden, rope, positions, cache, slots=None):
         """embeds [B,T,D] of the next tokens, hidden [B,T,D] post-norm main-model states,
@@ -41,8 +41,9 @@ class MultiTokenPredictor(nnx.Module):
         e = self.pre_fc_norm_embedding(embeds)
         h = self.pre_fc_norm_hidden(hidden.astype(embeds.dtype))
         x = self.fc(jnp.concatenate([e, h], axis=-1))
+        stream = (x, jnp.zeros_like(x))  # (residual stream, pending block output)
         for i, layer in enumerate(self.layers):
             c = None if cache is None else LayerCache(cache, i)
-            x, c, _ = layer(x, rope, positions, c, slots)
+            stream, c, _ = layer(stream, rope, positions, c, slots)
             cache = None if c is None else c.stack
-        return self.norm(x), cache
+        return self.norm(stream[1], residual=stream[0])[0], cache

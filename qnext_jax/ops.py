@@ -20,6 +20,7 @@ from pallas_kernels.gated_delta_rule import (
     recurrent_gated_delta_rule,
 )
 from pallas_kernels.moe import route_topk_ref
+from pallas_kernels.rms_norm import rms_norm_ref
 from qnext_jax import sharding
 
 
@@ -89,6 +90,57 @@ def linear(x, w, layer=None, *, axes=(None, None), impl: str = "auto", mesh=None
     if w.ndim == 3:
         w = jax.lax.dynamic_index_in_dim(w, layer, keepdims=False)
     return jnp.dot(x, w.astype(x.dtype))
+
+
+# ---- norms ---------------------------------------------------------------------------------
+NORM_IMPLS = ("auto", "pallas", "xla")
+
+
+def norm_kernel_applies(impl: str, n_rows: int, dim: int) -> bool:
+    """Whether a norm of n_rows rows of `dim` takes the Pallas kernel: decode-sized batches
+    (pallas_kernels.rms_norm.kernel_applies), on the GPU ("auto") or on any backend when asked
+    for ("pallas", interpret mode off the GPU)."""
+    if impl not in NORM_IMPLS:
+        raise ValueError(f"norm_impl={impl!r}; allowed: " + ", ".join(map(repr, NORM_IMPLS)))
+    applies = _kernel("pallas_kernels.rms_norm", "kernel_applies")
+    if impl == "xla" or applies is None:
+        return False
+    return applies(n_rows, dim) and (impl == "pallas" or on_gpu())
+
+
+def rms_norm(x, w, layer=None, *, residual=None, eps: float, impl: str = "auto", mesh=None):
+    """The zero-centred RMSNorm of x [..., D], or of x + residual, returned beside it (the
+    residual stream's add folded into the norm: one kernel at decode). w [D], or a stack over
+    layers [L, D] with `layer` picking one (read in place by the kernel). Replicated over a
+    mesh: every device normalises every row."""
+    *lead, D = x.shape
+    n_rows = math.prod(lead)
+    x2 = x.reshape(n_rows, D)
+    r2 = None if residual is None else residual.reshape(n_rows, D)
+    stacked = w.ndim == 2
+    layer = jnp.asarray(0 if layer is None else layer, jnp.int32)
+    if norm_kernel_applies(impl, n_rows, D):
+        kernel = functools.partial(
+            _kernel("pallas_kernels.rms_norm", "rms_norm"), eps=eps, interpret=not on_gpu()
+        )
+        rep, w_axes = (None, None), (None,) * w.ndim
+
+        def normed(x, w, layer):
+            return kernel(x, w, layer if stacked else None)
+
+        def added_and_normed(x, r, w, layer):
+            return kernel(x, w, layer if stacked else None, residual=r)
+
+        if r2 is None:
+            out = sharding.per_shard(normed, mesh, (rep, w_axes, ()), rep)(x2, w, layer)
+        else:
+            run = sharding.per_shard(added_and_normed, mesh, (rep, rep, w_axes, ()), (rep, rep))
+            out = run(x2, r2, w, layer)
+    else:
+        out = rms_norm_ref(x2, w, layer if stacked else None, residual=r2, eps=eps)
+    if r2 is None:
+        return out.reshape(x.shape)
+    return out[0].reshape(x.shape), out[1].reshape(x.shape)
 
 
 # ---- gated delta rule ------------------------------------------------------------------------

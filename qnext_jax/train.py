@@ -231,6 +231,7 @@ def train_options() -> RuntimeOptions:
         attention_impl="dense",
         moe_impl="dense",
         linear_impl="xla",
+        norm_impl="xla",
         scan_layers=True,
     )
 

@@ -55,14 +55,19 @@ def test_prefix_then_tokens_then_chunk(base_model):
 def test_decode_kernels_work_in_the_cache_stack(base_checkpoint):
     """Every impl "pallas": the decode kernels (interpret mode on the CPU) read each layer's GDN
     state and K/V inside the cache stack (the GDN kernel writes its state there) and each
-    layer's projection and expert weights inside the parameter stacks, and the router's top-k
-    runs as its kernel; decoding token by token after a prefill still gives the full forward's
-    logits, and the stacked states equal the reference path's."""
+    layer's projection, norm and expert weights inside the parameter stacks, the norms add the
+    residual stream in their kernel, and the router's top-k runs as its kernel; decoding token
+    by token after a prefill still gives the full forward's logits, and the stacked states
+    equal the reference path's."""
     import qnext_jax
     from qnext_jax.config import RuntimeOptions
 
     opts = RuntimeOptions(
-        gdn_impl="pallas", attention_impl="pallas", linear_impl="pallas", moe_impl="pallas"
+        gdn_impl="pallas",
+        attention_impl="pallas",
+        linear_impl="pallas",
+        moe_impl="pallas",
+        norm_impl="pallas",
     )
     model = qnext_jax.from_pretrained(
         base_checkpoint[0], dtype="float32", options=opts, progress=False

@@ -117,7 +117,7 @@ def test_expert_parallel_moe_equals_unsharded(impl, N):
 
 
 def test_kernels_run_per_device_on_their_heads():
-    """The Pallas GDN, MoE and projection kernels (interpret mode on CPU) inside shard_map,
+    """The Pallas GDN, MoE, projection and norm kernels (interpret mode on CPU) inside shard_map,
     split by heads, experts and columns / rows, give the reference logits; the conv kernel per
     shard equals the unsharded reference."""
     from pallas_kernels.causal_conv1d import causal_conv1d, causal_conv1d_ref
@@ -128,7 +128,12 @@ def test_kernels_run_per_device_on_their_heads():
     model = Qwen3NextForCausalLM(
         CFG,
         dataclasses.replace(
-            OPTS, mesh=mesh, gdn_impl="pallas", moe_impl="pallas", linear_impl="pallas"
+            OPTS,
+            mesh=mesh,
+            gdn_impl="pallas",
+            moe_impl="pallas",
+            linear_impl="pallas",
+            norm_impl="pallas",
         ),
         rngs=nnx.Rngs(0),
     )
@@ -265,7 +270,7 @@ def test_greedy_generation_identical(impl, tp, r):
     want, _ = generate(build())
     mesh = sharding.make_mesh(CFG, tp, attention_replicas=r)
     opts = dataclasses.replace(
-        OPTS, mesh=mesh, gdn_impl=impl, attention_impl=impl, linear_impl=impl
+        OPTS, mesh=mesh, gdn_impl=impl, attention_impl=impl, linear_impl=impl, norm_impl=impl
     )
     model = Qwen3NextForCausalLM(CFG, opts, rngs=nnx.Rngs(0))
     got, engine = generate(sharding.shard_params(model, mesh=mesh, cfg=CFG), mesh)
