@@ -15,7 +15,8 @@ is amortised), per call. --sweep times a few prefill block shapes at N = 8K; --r
 the decode row paths (grouped with results gathered back or stored by pair,
 MoEBlocks.y_by_pair; or a tile per pair, MoEBlocks.pair_tiles) at N = 1-16 over a stack of
 layers; --prefill-rows the prefill row paths (MoEBlocks.x_by_token, prefill_y_by_pair);
---decode-sweep the decode kernels' block shapes, split_d, gate and up apart (gate_up_apart) and
+--route-sweep the router's top-k kernel per warp count against XLA; --decode-sweep the decode
+kernels' block shapes, split_d, gate and up apart (gate_up_apart) and
 down's pipeline depth at N = 1 and 8, with all 512
 experts on this device and with half of them (the other half's ids held elsewhere, as under
 2-way expert parallelism: ~5 of one token's 10 experts are local).
@@ -49,6 +50,8 @@ from pallas_kernels.moe import (  # noqa: E402
     moe_experts_decode,
     moe_experts_decode_ref,
     moe_experts_prefill,
+    route_topk,
+    route_topk_ref,
 )
 from qnext_jax import ops  # noqa: E402
 
@@ -133,6 +136,11 @@ def main():
         "--prefill-down-sweep",
         action="store_true",
         help="prefill: down's blocks (block_dout, block_fin) and the results' dtype at N = 8K",
+    )
+    ap.add_argument(
+        "--route-sweep",
+        action="store_true",
+        help="the router's top-k at N = 1 / 8 / 64: the kernel's warps vs XLA's softmax + top_k",
     )
     ap.add_argument(
         "--blocks",
@@ -261,6 +269,21 @@ def main():
             grid = [{}, dict(split_d=2), dict(gate_up_apart=True, down_stages=2)]
         cases = [(1, E), (1, E // 2), (8, E // 2)] if not dry else [(1, E), (1, E // 2)]
         block_sweep("decode block sweep", grid, cases)
+
+    if args.route_sweep:
+        print(f"\nrouter top-k (E={E}, k={k}), us per call (unrolled chain of {inner}):")
+        warps = (1, 2, 4, 8)
+        print("| tokens | XLA | " + " | ".join(f"kernel, {w} warps" for w in warps) + " |")
+        print("|---|---|" + "---|" * len(warps))
+        feed = lambda x, out: x + (jnp.sum(out[0]) * 1e-30).astype(x.dtype)  # noqa: E731
+        for N in (1, 4) if dry else (1, 8, 64):
+            logits = jax.random.normal(jax.random.key(N), (N, E), jnp.float32)
+            fns = [functools.partial(route_topk_ref, k=k, normalize=True)] + [
+                functools.partial(route_topk, k=k, normalize=True, num_warps=w, **interp)
+                for w in warps
+            ]
+            line = [time_chained(f, (logits,), feed, inner, reps, unroll=True) for f in fns]
+            print(f"| {N} | " + " | ".join(f"{t * 1e6:.2f}" for t in line) + " |", flush=True)
 
     if args.batch_sweep:
         r16 = dict(decode_tile_rows=16)

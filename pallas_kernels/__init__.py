@@ -34,6 +34,7 @@ from pallas_kernels.moe import (
     moe_experts_decode_ref,
     moe_experts_prefill,
 )
+from pallas_kernels.rms_norm import rms_norm, rms_norm_ref
 
 __all__ = [
     "ChunkBlocks",
@@ -55,6 +56,8 @@ __all__ = [
     "moe_experts_decode_ref",
     "moe_experts_prefill",
     "recurrent_gated_delta_rule",
+    "rms_norm",
+    "rms_norm_ref",
     "validate_conv_inputs",
     "validate_decode_attention",
     "validate_inputs",
