@@ -727,8 +727,8 @@ def _routed_experts(
         kw = dict(interpret=not on_gpu(), out_dtype=x.dtype)
         decode = x.shape[0] <= _kernel(moe, "MAX_TOKENS")
         kernel = _kernel(moe, "moe_experts_decode" if decode else "moe_experts_prefill")
-        if decode:
-            kw["blocks"] = _kernel(moe, "DECODE_BLOCKS")
+        if decode:  # read at each trace, uncached: benchmarks set it between cases
+            kw["blocks"] = importlib.import_module(moe).DECODE_BLOCKS
         fits = _kernel(moe, "shared_tile_applies")
         if decode and shared is not None and fits(w_gate_up.shape[-1] // 2, shared[0].shape[-1]):
             kw["shared"] = shared[:3]  # more tiles of the decode kernels

@@ -54,6 +54,17 @@ def test_pallas_takes_the_grouped_gemm_above_64_tokens(moe_inputs):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_decode_blocks_are_read_at_each_trace(moe_inputs, monkeypatch):
+    """pallas_kernels.moe.DECODE_BLOCKS is what the decode kernel gets, read when the call is
+    traced (benchmarks set it between cases): a changed setting reaches the next call."""
+    import pallas_kernels.moe as pallas_moe
+
+    ops.moe_experts(*moe_inputs, impl="pallas")  # 37 tokens: the decode kernel, default blocks
+    monkeypatch.setattr(pallas_moe, "DECODE_BLOCKS", pallas_moe.MoEBlocks(block_f=48))
+    with pytest.raises(ValueError, match="block_f=48"):
+        ops.moe_experts(*moe_inputs, impl="pallas")
+
+
 @pytest.mark.parametrize("shared_ffw", [48, 32])
 def test_scanned_model_reads_expert_stacks_in_place(shared_ffw):
     """8 layers = 2 scanned repeats of [GDN x3, attention]: the routed experts stay whole
