@@ -43,7 +43,7 @@ class GatedDeltaNet(nnx.Module):
             jnp.log(jnp.linspace(1.0, 16.0, HV)).astype(dtype) if rngs else jnp.zeros((HV,), dtype),
             axes=("v_heads",),
         )
-        self.norm = GatedRMSNorm(V, cfg.rms_norm_eps, dtype=dtype)
+        self.norm = GatedRMSNorm(V, cfg.rms_norm_eps, dtype=dtype, opts=opts)
         self.out_proj = Linear(HV * V, D, axes=("v_heads", "embed"), **kw)
         self.gdn_impl, self.chunk_size, self.mesh = opts.gdn_impl, opts.chunk_size, opts.mesh
 
@@ -121,7 +121,14 @@ class GatedDeltaNet(nnx.Module):
             mesh=self.mesh,
         )
         o, state = result[0], result[1]
-        y = self.norm(o, z).reshape(B, T, HV * V)
+        # the gate straight from in_proj's output, viewed as rows of V (the norm kernel reads
+        # it in place): z of group h is rows (2K + RV) / V ... of the group's 2K + 2RV
+        if (2 * K) % V == 0:
+            z_rows, z_at = qkvz.reshape(B * T, H, -1, V), (2 * K + R * V) // V
+        else:
+            z_rows, z_at = z.reshape(B * T, H, R, V), 0
+        y = self.norm(o.reshape(B * T, H, R, V), z_rows, layer, z_offset=z_at)
+        y = y.reshape(B, T, HV * V)
         out = self.out_proj(y, layer)
 
         new_cache = None

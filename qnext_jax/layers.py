@@ -86,17 +86,38 @@ class RMSNorm(nnx.Module):
 
 
 class GatedRMSNorm(nnx.Module):
-    """GDN output norm: y = x_hat * w * silu(z), plain w (NOT 1 + w), all fp32 (as fla / vLLM)."""
+    """GDN output norm: y = x_hat * w * silu(z), plain w (NOT 1 + w), all fp32 (as fla / vLLM).
 
-    def __init__(self, dim: int, eps: float, *, dtype, rngs: nnx.Rngs | None = None):
+    opts: where given, decode-sized inputs may take the Pallas kernel (opts.norm_impl,
+    ops.gated_rms_norm); without, always XLA."""
+
+    def __init__(
+        self,
+        dim: int,
+        eps: float,
+        *,
+        dtype,
+        rngs: nnx.Rngs | None = None,
+        opts: RuntimeOptions | None = None,
+    ):
         self.w = nnx.Param(jnp.ones((dim,), dtype))
         self.eps = eps
+        self.impl, self.mesh = (opts.norm_impl, opts.mesh) if opts else ("xla", None)
 
-    def __call__(self, x: jax.Array, z: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        y = xf * self.w[...].astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
-        return y.astype(z.dtype)
+    def __call__(self, x: jax.Array, z: jax.Array, layer=None, *, z_offset: int = 0):
+        """x [N, H, R, V] (H key-head groups of R value heads); z [N, H, C, V], head (h, r)'s
+        gate at row z_offset + r. layer: picks the weight from a LayerStack's whole [L, V]."""
+        w = self.w[...]
+        return ops.gated_rms_norm(
+            x,
+            z,
+            w,
+            layer if w.ndim == 2 else None,
+            eps=self.eps,
+            z_offset=z_offset,
+            impl=self.impl,
+            mesh=self.mesh,
+        )
 
 
 class SwiGLU(nnx.Module):

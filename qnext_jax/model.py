@@ -187,10 +187,10 @@ def _expert_stack(path, _value) -> bool:
 
 def _kernel_weight_stack(path, value) -> bool:
     """The routed experts', the projections' (Linear.w, [L, in, out]), the GDN kernels'
-    (conv_w, A_log, dt_bias) and the layers' norms' ([L, D]) weights of a LayerStack: kernels
-    read their layer in place."""
+    (conv_w, A_log, dt_bias) and the norms' ([L, D]; "norm" in a stack is GDN's output norm)
+    weights of a LayerStack: kernels read their layer in place."""
     gdn = path[-1] in ("conv_w", "A_log", "dt_bias")
-    norm = len(path) > 1 and path[-2] in ("input_layernorm", "post_attention_layernorm")
+    norm = len(path) > 1 and path[-2] in ("input_layernorm", "post_attention_layernorm", "norm")
     return _expert_stack(path, value) or gdn or norm or (path[-1] == "w" and value.ndim == 3)
 
 

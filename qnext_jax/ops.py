@@ -20,7 +20,7 @@ from pallas_kernels.gated_delta_rule import (
     recurrent_gated_delta_rule,
 )
 from pallas_kernels.moe import route_topk_ref
-from pallas_kernels.rms_norm import rms_norm_ref
+from pallas_kernels.rms_norm import gated_rms_norm_ref, rms_norm_ref
 from qnext_jax import sharding
 
 
@@ -96,16 +96,20 @@ def linear(x, w, layer=None, *, axes=(None, None), impl: str = "auto", mesh=None
 NORM_IMPLS = ("auto", "pallas", "xla")
 
 
-def norm_kernel_applies(impl: str, n_rows: int, dim: int) -> bool:
-    """Whether a norm of n_rows rows of `dim` takes the Pallas kernel: decode-sized batches
-    (pallas_kernels.rms_norm.kernel_applies), on the GPU ("auto") or on any backend when asked
-    for ("pallas", interpret mode off the GPU)."""
+def _norm_kernels_on(impl: str) -> bool:
+    """Whether decode-sized norms may take the Pallas kernels: on the GPU ("auto") or on any
+    backend when asked for ("pallas", interpret mode off the GPU)."""
     if impl not in NORM_IMPLS:
         raise ValueError(f"norm_impl={impl!r}; allowed: " + ", ".join(map(repr, NORM_IMPLS)))
+    built = _kernel("pallas_kernels.rms_norm", "rms_norm") is not None
+    return built and (impl == "pallas" or (impl == "auto" and on_gpu()))
+
+
+def norm_kernel_applies(impl: str, n_rows: int, dim: int) -> bool:
+    """Whether a norm of n_rows rows of `dim` takes the Pallas kernel: decode-sized batches
+    (pallas_kernels.rms_norm.kernel_applies) where the kernels are on (`_norm_kernels_on`)."""
     applies = _kernel("pallas_kernels.rms_norm", "kernel_applies")
-    if impl == "xla" or applies is None:
-        return False
-    return applies(n_rows, dim) and (impl == "pallas" or on_gpu())
+    return _norm_kernels_on(impl) and applies(n_rows, dim)
 
 
 def rms_norm(x, w, layer=None, *, residual=None, eps: float, impl: str = "auto", mesh=None):
@@ -141,6 +145,32 @@ def rms_norm(x, w, layer=None, *, residual=None, eps: float, impl: str = "auto",
     if r2 is None:
         return out.reshape(x.shape)
     return out[0].reshape(x.shape), out[1].reshape(x.shape)
+
+
+def gated_rms_norm(o, z, w, layer=None, *, eps: float, z_offset: int = 0, impl="auto", mesh=None):
+    """The Gated DeltaNet output norm, rmsnorm(o) * w * silu(z) per value head: o [N, H, R, V]
+    (H key-head groups of R value heads), z [N, H, C, V] with head (h, r)'s gate at row
+    z_offset + r (the in_proj output itself, read in place by the kernel); w [V], or a stack
+    [L, V] with `layer` picking one. Over a mesh, per device on its key-head groups."""
+    N, H, R, V = o.shape
+    stacked = w.ndim == 2
+    layer = jnp.asarray(0 if layer is None else layer, jnp.int32)
+    applies = _kernel("pallas_kernels.rms_norm", "gated_kernel_applies")
+    if _norm_kernels_on(impl) and applies(N, R, V):
+        kernel = functools.partial(
+            _kernel("pallas_kernels.rms_norm", "gated_rms_norm"),
+            eps=eps,
+            z_offset=z_offset,
+            interpret=not on_gpu(),
+        )
+
+        def run(o, z, w, layer):
+            return kernel(o, z, w, layer if stacked else None)
+
+        heads = (None, "k_heads", None, None)
+        w_axes = (None,) * w.ndim
+        return sharding.per_shard(run, mesh, (heads, heads, w_axes, ()), heads)(o, z, w, layer)
+    return gated_rms_norm_ref(o, z, w, layer if stacked else None, eps=eps, z_offset=z_offset)
 
 
 # ---- gated delta rule ------------------------------------------------------------------------

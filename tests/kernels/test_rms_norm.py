@@ -1,8 +1,9 @@
-"""Pallas RMSNorm of a few rows (decode), with and without the residual add, vs the reference.
+"""Pallas norms of a few rows (decode) vs their references: the RMSNorm with and without the
+residual add, and the Gated DeltaNet output norm with its gate read inside a larger array.
 
 Cases: one row and a batch, bf16 and fp32, a layer of a weight stack read in place and an
 unstacked weight; the residual stream's sum is exact (the same add in x's dtype); the
-contract's errors."""
+contracts' errors."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from kernel_utils import INTERPRET, TOL, rel_err, run
 
-from pallas_kernels.rms_norm import rms_norm, rms_norm_ref
+from pallas_kernels.rms_norm import gated_rms_norm, gated_rms_norm_ref, rms_norm, rms_norm_ref
 
 EPS = 1e-6
 
@@ -74,3 +75,44 @@ def test_rms_norm_rejects_bad_inputs(x_shape, w_shape, layer, r_shape, match):
             eps=EPS,
             interpret=True,
         )
+
+
+@pytest.mark.parametrize(
+    "N, H, R, V, C, z_offset, L, dtype",
+    [
+        (1, 4, 2, 128, 8, 4, 3, jnp.bfloat16),  # the 80B model's GDN layout: z after q|k|v
+        (5, 2, 1, 32, 1, 0, None, jnp.float32),  # z on its own, an unstacked weight
+        (64, 2, 4, 16, 9, 5, 2, jnp.bfloat16),  # the most rows; z at an odd row offset
+    ],
+)
+def test_gated_rms_norm_matches_reference(N, H, R, V, C, z_offset, L, dtype):
+    rng = np.random.default_rng(N + V)
+    o = jnp.asarray(2.0 * rng.standard_normal((N, H, R, V)), dtype)
+    z = jnp.asarray(rng.standard_normal((N, H, C, V)), dtype)
+    w = jnp.asarray(1.0 + 0.1 * rng.standard_normal((V,) if L is None else (L, V)), dtype)
+    layer = None if L is None else jnp.int32(L - 1)
+    kw = dict(eps=EPS, z_offset=z_offset)
+    got = run(gated_rms_norm, o, z, w, layer, interpret=INTERPRET, **kw)
+    want = gated_rms_norm_ref(o, z, w, layer, **kw)
+    assert got.shape == o.shape and got.dtype == z.dtype
+    assert rel_err(got, want) < TOL[dtype]
+    # the gate is z's rows z_offset .. z_offset + R: another offset gives another result
+    if C > R:
+        other = gated_rms_norm_ref(o, z, w, layer, eps=EPS, z_offset=(z_offset + 1) % (C - R + 1))
+        assert rel_err(want, other) > 1e-2
+
+
+@pytest.mark.parametrize(
+    "o_shape, z_shape, w_shape, z_offset, match",
+    [
+        ((2, 4, 2, 32), (2, 4, 4, 32), (32,), 3, "z_offset=3"),
+        ((2, 4, 2, 32), (2, 3, 4, 32), (32,), 0, r"z must be \[N=2, H=4"),
+        ((2, 4, 2, 32), (2, 4, 4, 32), (16,), 0, r"w must be \[V=32\]"),
+        ((2, 4, 3, 32), (2, 4, 4, 32), (32,), 0, "powers of 2"),
+        ((2, 8, 32), (2, 4, 4, 32), (32,), 0, r"o must be \[N, H, R, V\]"),
+    ],
+)
+def test_gated_rms_norm_rejects_bad_inputs(o_shape, z_shape, w_shape, z_offset, match):
+    o, z, w = (jnp.zeros(s, jnp.float32) for s in (o_shape, z_shape, w_shape))
+    with pytest.raises(ValueError, match=match):
+        gated_rms_norm(o, z, w, eps=EPS, z_offset=z_offset, interpret=True)
