@@ -312,8 +312,9 @@ class RuntimeOptions:
     moe_impl: Literal["auto", "pallas", "gather", "grouped", "ragged", "dense"] = "auto"
     # projections of decode-sized batches: "auto" = the Pallas kernel on the GPU (ops.linear)
     linear_impl: Literal["auto", "pallas", "xla"] = "auto"
-    # the decoder layers' norms (residual add folded in) at decode sizes: "auto" = Pallas on GPU
-    norm_impl: Literal["auto", "pallas", "xla"] = "auto"
+    # the norms (residual add folded in; GDN's output norm) at decode sizes: "auto" = the Pallas
+    # kernels on the GPU. "xla" by default until they are measured on one (README: Norms).
+    norm_impl: Literal["auto", "pallas", "xla"] = "xla"
     chunk_size: int = 64
     scan_layers: bool = True
     mesh: Any = None  # jax.sharding.Mesh for tensor / expert parallelism (qnext_jax.sharding)
