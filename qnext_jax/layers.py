@@ -57,6 +57,8 @@ class RMSNorm(nnx.Module):
     opts: where given, decode-sized inputs may take the Pallas norm kernel (opts.norm_impl,
     ops.rms_norm); without, always XLA."""
 
+    W_INIT = 0.0  # zero-centred: w = 0 is the identity scale
+
     def __init__(
         self,
         dim: int,
@@ -66,7 +68,7 @@ class RMSNorm(nnx.Module):
         rngs: nnx.Rngs | None = None,
         opts: RuntimeOptions | None = None,
     ):
-        self.w = nnx.Param(jnp.zeros((dim,), dtype))
+        self.w = nnx.Param(jnp.full((dim,), self.W_INIT, dtype))
         self.eps = eps
         self.impl, self.mesh = (opts.norm_impl, opts.mesh) if opts else ("xla", None)
 
@@ -85,24 +87,11 @@ class RMSNorm(nnx.Module):
         )
 
 
-class GatedRMSNorm(nnx.Module):
-    """GDN output norm: y = x_hat * w * silu(z), plain w (NOT 1 + w), all fp32 (as fla / vLLM).
+class GatedRMSNorm(RMSNorm):
+    """GDN output norm: y = x_hat * w * silu(z), plain w (NOT 1 + w, so it starts at ones), all
+    fp32 (as fla / vLLM). opts: as RMSNorm's (opts.norm_impl, ops.gated_rms_norm)."""
 
-    opts: where given, decode-sized inputs may take the Pallas kernel (opts.norm_impl,
-    ops.gated_rms_norm); without, always XLA."""
-
-    def __init__(
-        self,
-        dim: int,
-        eps: float,
-        *,
-        dtype,
-        rngs: nnx.Rngs | None = None,
-        opts: RuntimeOptions | None = None,
-    ):
-        self.w = nnx.Param(jnp.ones((dim,), dtype))
-        self.eps = eps
-        self.impl, self.mesh = (opts.norm_impl, opts.mesh) if opts else ("xla", None)
+    W_INIT = 1.0
 
     def __call__(self, x: jax.Array, z: jax.Array, layer=None, *, z_offset: int = 0):
         """x [N, H, R, V] (H key-head groups of R value heads); z [N, H, C, V], head (h, r)'s
