@@ -353,6 +353,13 @@ def main():
     ap.add_argument(
         "--norm-impl", nargs="+", default=["auto"], help="decode cases per norm impl (auto / xla)"
     )
+    ap.add_argument(
+        "--merge-projections",
+        nargs="+",
+        type=int,
+        default=[1],
+        help="decode cases with projections sharing an input in one launch (1) and/or not (0)",
+    )
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--slots", type=int, default=0, help="engine slots (default: the batch)")
     ap.add_argument("--reps", type=int, default=3)
@@ -414,11 +421,12 @@ def main():
             cfg.vocab_size,
         )
     blocks = [moe_blocks(spec) for spec in args.moe_blocks]  # fails early on a bad spec
-    for impl, scan, lin, norm, (spec, mb) in itertools.product(
+    for impl, scan, lin, norm, merge, (spec, mb) in itertools.product(
         args.moe_impl,
         args.scan_layers,
         args.linear_impl,
         args.norm_impl,
+        args.merge_projections,
         zip(args.moe_blocks, blocks, strict=True),
     ):
         pallas_moe.DECODE_BLOCKS = mb  # read when the engine below traces its decode step
@@ -429,6 +437,7 @@ def main():
                 ("scan_layers", bool(scan)),
                 ("linear_impl", lin),
                 ("norm_impl", norm),
+                ("merge_projections", bool(merge)),
             )
             if v != getattr(model.opts, k)
         }
@@ -437,6 +446,7 @@ def main():
         tag += "" if scan else " unrolled"
         tag += "" if len(args.linear_impl) == 1 else f" linear={lin}"
         tag += "" if len(args.norm_impl) == 1 else f" norm={norm}"
+        tag += "" if len(args.merge_projections) == 1 else f" merge={merge}"
         tag += "" if len(args.moe_blocks) == 1 else f" moe-blocks={spec}"
         for b in args.batch:
             guarded(

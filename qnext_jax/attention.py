@@ -14,7 +14,7 @@ from flax import nnx
 from qnext_jax import ops, sharding
 from qnext_jax.cache import KV_AXES, CacheSlots, LayerCache
 from qnext_jax.config import Qwen3NextConfig, RuntimeOptions
-from qnext_jax.layers import Linear, RMSNorm, apply_partial_rope
+from qnext_jax.layers import Linear, RMSNorm, apply_partial_rope, project
 from qnext_jax.sharding import constrain
 
 
@@ -58,10 +58,10 @@ class GatedAttention(nnx.Module):
         scan (the projections' weights may be the whole stacks)."""
         B, T, _ = x.shape
         H, KVH, Dh = self.n_heads, self.n_kv_heads, self.head_dim
-        qg = self.q_proj(x, layer).reshape(B, T, H, 2 * Dh)
+        qg, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), layer)
+        qg = qg.reshape(B, T, H, 2 * Dh)
         q, gate = qg[..., :Dh], qg[..., Dh:].reshape(B, T, H * Dh)
-        k = self.k_proj(x, layer).reshape(B, T, KVH, Dh)
-        v = self.v_proj(x, layer).reshape(B, T, KVH, Dh)
+        k, v = k.reshape(B, T, KVH, Dh), v.reshape(B, T, KVH, Dh)
         q = apply_partial_rope(self.q_norm(q), cos, sin)  # RoPE after the q/k norm
         k = apply_partial_rope(self.k_norm(k), cos, sin)
         q = constrain(q, ("batch", None, "heads", None), self.mesh)

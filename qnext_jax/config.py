@@ -312,6 +312,9 @@ class RuntimeOptions:
     moe_impl: Literal["auto", "pallas", "gather", "grouped", "ragged", "dense"] = "auto"
     # projections of decode-sized batches: "auto" = the Pallas kernel on the GPU (ops.linear)
     linear_impl: Literal["auto", "pallas", "xla"] = "auto"
+    # with the kernel: projections that share their input (GDN's qkvz and ba; attention's q, k,
+    # v) in one launch (ops.linear_many)
+    merge_projections: bool = True
     # the norms (residual add folded in; GDN's output norm) at decode sizes: "auto" = the Pallas
     # kernels on the GPU. "xla" by default until they are measured on one (README: Norms).
     norm_impl: Literal["auto", "pallas", "xla"] = "xla"

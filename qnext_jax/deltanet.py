@@ -20,7 +20,7 @@ from pallas_kernels.causal_conv1d import conv_state_after
 from qnext_jax import ops
 from qnext_jax.cache import GDN_CONV_AXES, GDN_STATE_AXES, CacheSlots, LayerCache
 from qnext_jax.config import Qwen3NextConfig, RuntimeOptions
-from qnext_jax.layers import GatedRMSNorm, Linear, _init
+from qnext_jax.layers import GatedRMSNorm, Linear, _init, project
 from qnext_jax.sharding import constrain
 
 
@@ -67,10 +67,11 @@ class GatedDeltaNet(nnx.Module):
         B, T, _ = x.shape
         H, HV, K, V, R = self.dims
         valid = positions >= 0
-        qkvz = self.in_proj_qkvz(x, layer).reshape(B, T, H, 2 * K + 2 * R * V)
+        qkvz, ba = project(x, (self.in_proj_qkvz, self.in_proj_ba), layer)
+        qkvz = qkvz.reshape(B, T, H, 2 * K + 2 * R * V)
         mixed = qkvz[..., : 2 * K + R * V].reshape(B, T, -1)  # conv input, grouped per key head
         z = qkvz[..., 2 * K + R * V :].reshape(B, T, HV, V)
-        ba = self.in_proj_ba(x, layer).reshape(B, T, H, 2 * R)  # per key head: b | a
+        ba = ba.reshape(B, T, H, 2 * R)  # per key head: b | a
 
         conv_in = state_in = state_layer = conv_stack = None
         # decode on the whole stacks: the conv updates its state in the stack itself

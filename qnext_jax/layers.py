@@ -27,7 +27,8 @@ class Linear(nnx.Module):
 
     axes: the logical axes of w (see qnext_jax.sharding), e.g. ("embed", "heads").
     opts: where given, decode-sized inputs may take the Pallas projection kernel
-    (opts.linear_impl, per device on opts.mesh; ops.linear); without, always XLA's dot."""
+    (opts.linear_impl, per device on opts.mesh; ops.linear), and `project` may merge this
+    Linear's launch with others' (opts.merge_projections); without, always XLA's dot."""
 
     def __init__(
         self,
@@ -42,6 +43,7 @@ class Linear(nnx.Module):
         self.w = nnx.Param(_init(rngs, (d_in, d_out), dtype), axes=axes)
         self.axes = axes
         self.impl, self.mesh = (opts.linear_impl, opts.mesh) if opts else ("xla", None)
+        self.merge = opts.merge_projections if opts else False
 
     def __call__(self, x: jax.Array, layer: jax.Array | None = None) -> jax.Array:
         """layer: set inside LayerStack's scan, where w may be the whole stack [L, in, out]
@@ -49,6 +51,20 @@ class Linear(nnx.Module):
         w = self.w[...]
         layer = layer if w.ndim == 3 else None
         return ops.linear(x, w, layer, axes=self.axes, impl=self.impl, mesh=self.mesh)
+
+
+def project(x: jax.Array, linears: tuple[Linear, ...], layer=None) -> tuple[jax.Array, ...]:
+    """x through several Linears that share it (GDN's in_proj_qkvz and in_proj_ba; attention's
+    q, k and v): at decode sizes one kernel launch for all of them (ops.linear_many), where
+    they run alike (same impl and mesh, merging on); else each Linear on its own."""
+    first = linears[0]
+    alike = all((m.impl, m.mesh, m.merge) == (first.impl, first.mesh, True) for m in linears)
+    if not alike:
+        return tuple(m(x, layer) for m in linears)
+    ws = tuple(m.w[...] for m in linears)
+    layer = layer if ws[0].ndim == 3 else None
+    axes = tuple(m.axes for m in linears)
+    return ops.linear_many(x, ws, layer, axes=axes, impl=first.impl, mesh=first.mesh)
 
 
 class RMSNorm(nnx.Module):

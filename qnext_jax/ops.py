@@ -92,6 +92,48 @@ def linear(x, w, layer=None, *, axes=(None, None), impl: str = "auto", mesh=None
     return jnp.dot(x, w.astype(x.dtype))
 
 
+def linear_many(x, ws, layer=None, *, axes, impl: str = "auto", mesh=None) -> tuple[jax.Array, ...]:
+    """(x @ w for w in ws): projections sharing their input, as `linear` each, in one kernel
+    launch where the Pallas kernel takes them all (pallas_kernels.linear.linear_many); else one
+    `linear` per weight. axes: each weight's logical axes; one launch needs a common input axis."""
+    *lead, K = x.shape
+    n_rows = math.prod(lead)
+    kernel = _kernel("pallas_kernels.linear", "linear_many")
+    in_axes = {a[0] for a in axes}
+    k_split = sharding.axis_size(mesh, axes[0][0]) if axes[0][0] else 1
+    m_splits = [sharding.axis_size(mesh, a[1]) if a[1] else 1 for a in axes]
+    applies = _kernel("pallas_kernels.linear", "kernel_applies")
+    if not (
+        len(ws) > 1
+        and linear_kernel_applies(impl, n_rows)
+        and len(in_axes) == 1
+        and len({w.ndim for w in ws}) == 1
+        and K % k_split == 0
+        and all(
+            w.shape[-1] % m == 0 and applies(n_rows, K // k_split, w.shape[-1] // m)
+            for w, m in zip(ws, m_splits, strict=True)
+        )
+    ):
+        return tuple(
+            linear(x, w, layer, axes=a, impl=impl, mesh=mesh) for w, a in zip(ws, axes, strict=True)
+        )
+    stacked = ws[0].ndim == 3
+    in_axis = axes[0][0]
+
+    def run(x2, ws, layer):
+        ys = kernel(x2, ws, layer if stacked else None, interpret=not on_gpu())
+        if in_axis and mesh is not None and k_split > 1:
+            ys = tuple(jax.lax.psum(y, sharding.RULES[in_axis]) for y in ys)
+        return ys
+
+    w_axes = tuple((("layers",) if stacked else ()) + tuple(a) for a in axes)
+    out_axes = tuple((None, a[1]) for a in axes)
+    run = sharding.per_shard(run, mesh, ((None, in_axis), w_axes, ()), out_axes)
+    layer = jnp.asarray(0 if layer is None else layer, jnp.int32)
+    ys = run(x.reshape(n_rows, K), tuple(ws), layer)
+    return tuple(y.reshape(*lead, y.shape[-1]) for y in ys)
+
+
 # ---- norms ---------------------------------------------------------------------------------
 NORM_IMPLS = ("auto", "pallas", "xla")
 
