@@ -7,10 +7,11 @@ error of our output against fla's and against the fp32 reference.
   XLA_PYTHON_CLIENT_PREALLOCATE=false python benchmarks/bench_gdn_kernels.py [--sweep] [--quick]
 
 Timing. fla: triton.testing.do_bench median (as the anchors in shared/spec/anchors.md).
-Ours: "dev" = per-call device time, from one jitted program that runs the kernel `reps` times
-back to back (state carried from call to call, so nothing is hoisted), divided by reps: what a
-model step sees. "call" = median wall time of single jitted calls with block_until_ready, which
-adds ~tens of us of host dispatch (jax) that do_bench does not count for fla's launches either.
+Ours: "dev" = per-call device time, from one jitted program that runs the kernel in a loop
+(state carried from call to call, so nothing is hoisted), the marginal time of `reps` more calls
+(`time_ours`): what a model step sees. "call" = median wall time of single jitted calls with
+block_until_ready, which adds ~tens of us of host dispatch (jax) that do_bench does not count
+for fla's launches either.
 """
 
 from __future__ import annotations
@@ -103,22 +104,33 @@ def torch_np(x):
 def time_ours(fn, args, s0, reps, wall=True, rounds=5):
     """fn(args, state) -> (o, state). Returns (device us per call, wall us per single call).
 
+    Device time per call is marginal: one jitted program runs fn n times in a loop (the state
+    carried from call to call, so nothing is hoisted), timed at n = reps and n = 2 * reps
+    (alternating, `rounds` each); (median(2 reps) - median(reps)) / reps. The difference cancels
+    what a program costs once (dispatch, the GPU's clock ramp after idle host work, output
+    allocation), which divided by a few reps had doubled the per-call time of short programs.
     Arrays go in as arguments (closing over them would make XLA constant-fold the wrapper)."""
 
     @jax.jit
-    def many(a, s):
-        acc = jnp.float32(0)
-        for _ in range(reps):
+    def many(a, s, n):
+        def body(_, carry):
+            acc, s = carry
             o, s = fn(a, s)
-            acc = acc + o.reshape(-1)[0].astype(jnp.float32)
-        return acc, s
+            return acc + o.reshape(-1)[0].astype(jnp.float32), s
 
-    jax.block_until_ready(many(args, s0))
-    dev = []
-    for _ in range(rounds):
+        return jax.lax.fori_loop(0, n, body, (jnp.float32(0), s))
+
+    def timed(n):
         t0 = time.perf_counter()
-        jax.block_until_ready(many(args, s0))
-        dev.append((time.perf_counter() - t0) / reps)
+        jax.block_until_ready(many(args, s0, n))
+        return time.perf_counter() - t0
+
+    timed(reps), timed(2 * reps)  # compile (one program: n is an argument) and warm up
+    once, twice = [], []
+    for _ in range(rounds):
+        once.append(timed(reps))
+        twice.append(timed(2 * reps))
+    dev = (statistics.median(twice) - statistics.median(once)) / reps
     walls = [float("nan")]
     if wall:
         one = jax.jit(fn)
@@ -128,7 +140,7 @@ def time_ours(fn, args, s0, reps, wall=True, rounds=5):
             t0 = time.perf_counter()
             jax.block_until_ready(one(args, s0))
             walls.append(time.perf_counter() - t0)
-    return statistics.median(dev) * 1e6, statistics.median(walls) * 1e6
+    return dev * 1e6, statistics.median(walls) * 1e6
 
 
 def time_fla(fn):
