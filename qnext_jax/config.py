@@ -316,7 +316,7 @@ class RuntimeOptions:
     # v) in one launch (ops.linear_many)
     merge_projections: bool = True
     # the norms (residual add folded in; GDN's output norm) at decode sizes: "auto" = the Pallas
-    # kernels on the GPU. "xla" by default until they are measured on one (README: Norms).
+    # kernels on the GPU. "xla" by default: the kernels measured neutral (README: Norms).
     norm_impl: Literal["auto", "pallas", "xla"] = "xla"
     chunk_size: int = 64
     scan_layers: bool = True
