@@ -61,64 +61,42 @@ def linear(x, w, layer=None, *, axes=(None, None), impl: str = "auto", mesh=None
     axes: w's logical axes (input, output). With a mesh the kernel runs per device on its
     columns (output axis split) or on its rows of K (input axis split: the partial products
     are summed across devices in x's dtype, as the tensor-parallel all-reduce elsewhere)."""
-    *lead, K = x.shape
-    n_rows = math.prod(lead)
-    kernel = _kernel("pallas_kernels.linear", "linear")
-    k_split, m_split = (sharding.axis_size(mesh, a) if a else 1 for a in axes)
-    if (
-        linear_kernel_applies(impl, n_rows)
-        and K % k_split == 0
-        and w.shape[-1] % m_split == 0
-        and _kernel("pallas_kernels.linear", "kernel_applies")(
-            n_rows, K // k_split, w.shape[-1] // m_split
-        )
-    ):
-        stacked = w.ndim == 3
-        in_axis = axes[0]
-
-        def run(x2, w, layer):
-            y = kernel(x2, w, layer if stacked else None, interpret=not on_gpu())
-            if in_axis and mesh is not None and k_split > 1:
-                y = jax.lax.psum(y, sharding.RULES[in_axis])
-            return y
-
-        w_axes = (("layers",) if stacked else ()) + tuple(axes)
-        run = sharding.per_shard(run, mesh, ((None, axes[0]), w_axes, ()), (None, axes[1]))
-        layer = jnp.asarray(0 if layer is None else layer, jnp.int32)
-        y = run(x.reshape(n_rows, K), w, layer)
-        return y.reshape(*lead, y.shape[-1])
-    if w.ndim == 3:
-        w = jax.lax.dynamic_index_in_dim(w, layer, keepdims=False)
-    return jnp.dot(x, w.astype(x.dtype))
+    return linear_many(x, (w,), layer, axes=(axes,), impl=impl, mesh=mesh)[0]
 
 
 def linear_many(x, ws, layer=None, *, axes, impl: str = "auto", mesh=None) -> tuple[jax.Array, ...]:
-    """(x @ w for w in ws): projections sharing their input, as `linear` each, in one kernel
+    """(x @ w for w in ws), each as `linear`: projections sharing their input in one kernel
     launch where the Pallas kernel takes them all (pallas_kernels.linear.linear_many); else one
-    `linear` per weight. axes: each weight's logical axes; one launch needs a common input axis."""
+    `linear` per weight. axes: each weight's logical axes; one launch needs a common input axis
+    and all weights stacked or none."""
     *lead, K = x.shape
     n_rows = math.prod(lead)
-    kernel = _kernel("pallas_kernels.linear", "linear_many")
-    in_axes = {a[0] for a in axes}
-    k_split = sharding.axis_size(mesh, axes[0][0]) if axes[0][0] else 1
+    in_axis = axes[0][0]
+    k_split = sharding.axis_size(mesh, in_axis) if in_axis else 1
     m_splits = [sharding.axis_size(mesh, a[1]) if a[1] else 1 for a in axes]
     applies = _kernel("pallas_kernels.linear", "kernel_applies")
-    if not (
-        len(ws) > 1
-        and linear_kernel_applies(impl, n_rows)
-        and len(in_axes) == 1
+    one_launch = (
+        linear_kernel_applies(impl, n_rows)
+        and len({a[0] for a in axes}) == 1
         and len({w.ndim for w in ws}) == 1
         and K % k_split == 0
         and all(
             w.shape[-1] % m == 0 and applies(n_rows, K // k_split, w.shape[-1] // m)
             for w, m in zip(ws, m_splits, strict=True)
         )
-    ):
-        return tuple(
-            linear(x, w, layer, axes=a, impl=impl, mesh=mesh) for w, a in zip(ws, axes, strict=True)
-        )
+    )
+    if not one_launch:
+        if len(ws) > 1:  # each weight the kernel takes still takes it
+            return tuple(
+                linear(x, w, layer, axes=a, impl=impl, mesh=mesh)
+                for w, a in zip(ws, axes, strict=True)
+            )
+        w = ws[0]
+        if w.ndim == 3:
+            w = jax.lax.dynamic_index_in_dim(w, layer, keepdims=False)
+        return (jnp.dot(x, w.astype(x.dtype)),)
+    kernel = _kernel("pallas_kernels.linear", "linear_many")
     stacked = ws[0].ndim == 3
-    in_axis = axes[0][0]
 
     def run(x2, ws, layer):
         ys = kernel(x2, ws, layer if stacked else None, interpret=not on_gpu())
