@@ -7,7 +7,7 @@ error of our output against fla's and against the fp32 reference.
   XLA_PYTHON_CLIENT_PREALLOCATE=false python benchmarks/bench_gdn_kernels.py [--sweep] [--quick]
 
 Timing. fla: triton.testing.do_bench median (as the anchors in shared/spec/anchors.md).
-Ours: "dev" = per-call device time, from one jitted program that runs the kernel in a loop
+Ours: "dev" = per-call device time, from jitted programs that run the kernel back to back
 (state carried from call to call, so nothing is hoisted), the marginal time of `reps` more calls
 (`time_ours`): what a model step sees. "call" = median wall time of single jitted calls with
 block_until_ready, which adds ~tens of us of host dispatch (jax) that do_bench does not count
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import statistics
 import sys
@@ -104,28 +105,29 @@ def torch_np(x):
 def time_ours(fn, args, s0, reps, wall=True, rounds=5):
     """fn(args, state) -> (o, state). Returns (device us per call, wall us per single call).
 
-    Device time per call is marginal: one jitted program runs fn n times in a loop (the state
-    carried from call to call, so nothing is hoisted), timed at n = reps and n = 2 * reps
-    (alternating, `rounds` each); (median(2 reps) - median(reps)) / reps. The difference cancels
-    what a program costs once (dispatch, the GPU's clock ramp after idle host work, output
-    allocation), which divided by a few reps had doubled the per-call time of short programs.
-    Arrays go in as arguments (closing over them would make XLA constant-fold the wrapper)."""
+    Device time per call is marginal: a jitted program runs fn n times back to back (unrolled;
+    the state carried from call to call, so nothing is hoisted), timed at n = reps and
+    n = 2 * reps (alternating, `rounds` each); (median(2 reps) - median(reps)) / reps. The
+    difference cancels what a program costs once (dispatch, the GPU's clock ramp after idle
+    host work, output allocation), which divided by a few reps had doubled the per-call time of
+    short programs. (Not a while loop: on the GPU each of its iterations waits for the host to
+    read the predicate.) Arrays go in as arguments (closing over them would make XLA
+    constant-fold the wrapper)."""
 
-    @jax.jit
+    @functools.partial(jax.jit, static_argnums=2)
     def many(a, s, n):
-        def body(_, carry):
-            acc, s = carry
+        acc = jnp.float32(0)
+        for _ in range(n):
             o, s = fn(a, s)
-            return acc + o.reshape(-1)[0].astype(jnp.float32), s
-
-        return jax.lax.fori_loop(0, n, body, (jnp.float32(0), s))
+            acc = acc + o.reshape(-1)[0].astype(jnp.float32)
+        return acc, s
 
     def timed(n):
         t0 = time.perf_counter()
         jax.block_until_ready(many(args, s0, n))
         return time.perf_counter() - t0
 
-    timed(reps), timed(2 * reps)  # compile (one program: n is an argument) and warm up
+    timed(reps), timed(2 * reps)  # compile both programs and warm up
     once, twice = [], []
     for _ in range(rounds):
         once.append(timed(reps))
