@@ -141,18 +141,18 @@ def linear_many(
 
     Args:
       x: [N, K] as in `linear`.
-      ws: weights [K, M_i], or stacks [L, K, M_i] with `layer`; all of one K, all stacked (over
-        the same L) or none.
+      ws: weights [K, M_i], or stacks [L, K, M_i] with `layer`; all stacked (over the same L)
+        or none.
     Returns:
       a tuple of y_i [N, M_i] in x's dtype.
     """
     ws = tuple(ws)
     if not ws:
         raise ValueError("ws must hold at least one weight, got none")
-    shapes = [validate_linear_inputs(x, w, layer) for w in ws]
-    if len({(L, K) for L, K, _ in shapes}) > 1:
+    shapes = [validate_linear_inputs(x, w, layer) for w in ws]  # each K is x's
+    if len({L for L, _, _ in shapes}) > 1:
         raise ValueError(
-            "ws must share K (and L where stacked); got shapes "
+            "ws: stacked weights must have the same number of layers L; got shapes "
             + ", ".join(str(tuple(w.shape)) for w in ws)
         )
     L, K = shapes[0][:2]
