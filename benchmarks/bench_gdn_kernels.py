@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import os
 import statistics
 import sys
@@ -106,25 +105,29 @@ def time_ours(fn, args, s0, reps, wall=True, rounds=5):
     """fn(args, state) -> (o, state). Returns (device us per call, wall us per single call).
 
     Device time per call is marginal: a jitted program runs fn n times back to back (unrolled;
-    the state carried from call to call, so nothing is hoisted), timed at n = reps and
-    n = 2 * reps (alternating, `rounds` each); (median(2 reps) - median(reps)) / reps. The
-    difference cancels what a program costs once (dispatch, the GPU's clock ramp after idle
-    host work, output allocation), which divided by a few reps had doubled the per-call time of
-    short programs. (Not a while loop: on the GPU each of its iterations waits for the host to
-    read the predicate.) Arrays go in as arguments (closing over them would make XLA
-    constant-fold the wrapper)."""
+    the state carried from call to call), timed at n = reps and n = 2 * reps (alternating,
+    `rounds` each); (median(2 reps) - median(reps)) / reps. The difference cancels what a
+    program costs once (dispatch, the GPU's clock ramp after idle host work, output
+    allocation), which divided by a few reps had doubled the per-call time of short programs.
+    Every call reads its own copy of `args`: with one set of operands XLA may merge the
+    calls' kernels that do not read the state (common subexpressions: the chunked prefill's
+    preparation and first segment pass), and only the state-dependent rest would be timed. (Not a
+    while loop: on the GPU each of its iterations waits for the host to read the predicate.)
+    Arrays go in as arguments (closing over them would make XLA constant-fold the wrapper)."""
 
-    @functools.partial(jax.jit, static_argnums=2)
-    def many(a, s, n):
+    copies = [jax.tree.map(jnp.copy, args) for _ in range(2 * reps)]
+
+    @jax.jit
+    def many(sets, s):  # one call per operand set
         acc = jnp.float32(0)
-        for _ in range(n):
+        for a in sets:
             o, s = fn(a, s)
             acc = acc + o.reshape(-1)[0].astype(jnp.float32)
         return acc, s
 
     def timed(n):
         t0 = time.perf_counter()
-        jax.block_until_ready(many(args, s0, n))
+        jax.block_until_ready(many(copies[:n], s0))
         return time.perf_counter() - t0
 
     timed(reps), timed(2 * reps)  # compile both programs and warm up
@@ -133,6 +136,7 @@ def time_ours(fn, args, s0, reps, wall=True, rounds=5):
         once.append(timed(reps))
         twice.append(timed(2 * reps))
     dev = (statistics.median(twice) - statistics.median(once)) / reps
+    copies.clear()  # free the copies before the wall-time calls
     walls = [float("nan")]
     if wall:
         one = jax.jit(fn)
