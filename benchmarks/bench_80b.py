@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import math
 import os
 import statistics
 import sys
@@ -100,20 +101,27 @@ def with_options(model, **changes):
     return nnx.merge(graphdef, nnx.state(model))
 
 
-def make_engine(model, mesh, batch: int, max_len: int, block: int, chunk: int):
+def make_engine(model, mesh, batch: int, max_len: int, block: int, chunk: int, check: int = 1):
     cfg = EngineConfig(
-        max_num_seqs=batch, max_model_len=max_len, decode_block=block, prefill_chunk=chunk
+        max_num_seqs=batch,
+        max_model_len=max_len,
+        decode_block=block,
+        prefill_chunk=chunk,
+        steps_per_check=check,
     )
     return Engine(model, cfg, eos_ids=[], mesh=mesh)
 
 
-def decode_case(model, mesh, tp, batch, context, block, reps, profile, vocab, tag="", slots=0):
+def decode_case(
+    model, mesh, tp, batch, context, block, reps, profile, vocab, tag="", slots=0, check=1
+):
     """`batch` running requests in an engine of max(batch, slots) slots (idle slots: a server
-    with --max-num-seqs above its load)."""
+    with --max-num-seqs above its load); the decode loop checks its condition every `check`
+    steps."""
     rng = np.random.default_rng(0)
     steps = block * (reps + 2)
     engine = make_engine(
-        model, mesh, max(batch, slots), context + steps + 8, block, min(context, 8192)
+        model, mesh, max(batch, slots), context + steps + 8, block, min(context, 8192), check
     )
     prompts = [list(map(int, rng.integers(0, vocab, context))) for _ in range(batch)]
     t = time.perf_counter()
@@ -128,7 +136,7 @@ def decode_case(model, mesh, tp, batch, context, block, reps, profile, vocab, ta
         engine.step(block=block)
         times.append(time.perf_counter() - t)
     step = statistics.median(times) / block
-    traces = engine.compiles["decode", block]
+    traces = engine.compiles["decode", block, math.gcd(block, check)]
     cfg = model.config
     floor = floor_seconds(cfg, batch, context, devices=tp)
     replicas = 1 if mesh is None else mesh.shape["rep"]
@@ -360,6 +368,13 @@ def main():
         default=[1],
         help="decode cases with projections sharing an input in one launch (1) and/or not (0)",
     )
+    ap.add_argument(
+        "--steps-per-check",
+        nargs="+",
+        type=int,
+        default=[1],
+        help="decode cases per EngineConfig.steps_per_check (1: the loop's check every step)",
+    )
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--slots", type=int, default=0, help="engine slots (default: the batch)")
     ap.add_argument("--reps", type=int, default=3)
@@ -421,13 +436,14 @@ def main():
             cfg.vocab_size,
         )
     blocks = [moe_blocks(spec) for spec in args.moe_blocks]  # fails early on a bad spec
-    for impl, scan, lin, norm, merge, (spec, mb) in itertools.product(
+    for impl, scan, lin, norm, merge, (spec, mb), check in itertools.product(
         args.moe_impl,
         args.scan_layers,
         args.linear_impl,
         args.norm_impl,
         args.merge_projections,
         zip(args.moe_blocks, blocks, strict=True),
+        args.steps_per_check,
     ):
         pallas_moe.DECODE_BLOCKS = mb  # read when the engine below traces its decode step
         changes = {
@@ -448,6 +464,7 @@ def main():
         tag += "" if len(args.norm_impl) == 1 else f" norm={norm}"
         tag += "" if len(args.merge_projections) == 1 else f" merge={merge}"
         tag += "" if len(args.moe_blocks) == 1 else f" moe-blocks={spec}"
+        tag += "" if len(args.steps_per_check) == 1 else f" check={check}"
         for b in args.batch:
             guarded(
                 decode_case,
@@ -463,6 +480,7 @@ def main():
                 cfg.vocab_size,
                 tag,
                 args.slots,
+                check,
             )
     for b in args.long_batch if args.long_context else []:
         guarded(

@@ -14,6 +14,7 @@ import collections
 import dataclasses
 import functools
 import itertools
+import math
 import time
 
 import jax
@@ -78,6 +79,13 @@ class EngineConfig:
     max_model_len: int = 2048
     prefill_chunk: int = 512  # tokens per prefill call (a long prompt takes several)
     decode_block: int = 16  # decode steps per device call
+    # Decode steps between the loop's checks whether any row still runs. Each check copies a
+    # flag to the host (a while loop's predicate; the GPU idles meanwhile); the steps between
+    # are traced one after another in the loop's body (no inner loop), so the decode program
+    # holds that many copies of the step. A row that finishes inside a group rides along in
+    # its remaining steps without emitting. A block of n steps checks every
+    # gcd(n, steps_per_check) steps (a one-step block: every step).
+    steps_per_check: int = 1
     seed: int = 0
     state_dtype: str = "float32"  # GDN recurrent state: float32 (default) or bfloat16
     num_speculative_tokens: int = 0  # MTP drafts per step (0: plain decoding)
@@ -96,8 +104,11 @@ class Engine:
         defaults: dict | None = None,
         mesh=None,
     ):
-        if cfg.decode_block < 1:
-            raise ValueError(f"EngineConfig: decode_block={cfg.decode_block} must be >= 1")
+        if cfg.decode_block < 1 or cfg.steps_per_check < 1:
+            raise ValueError(
+                f"EngineConfig: decode_block={cfg.decode_block} and steps_per_check="
+                f"{cfg.steps_per_check} must both be >= 1"
+            )
         self.model_cfg = model.config
         self.cfg = cfg
         self.vocab = model.config.vocab_size
@@ -139,7 +150,7 @@ class Engine:
         self._release = jax.jit(self._release_impl, donate_argnums=(0,), out_shardings=slots_out)
         self._decode = jax.jit(
             self._decode_impl,
-            static_argnums=(4, 5),
+            static_argnums=(4, 5, 6),
             donate_argnums=(1, 2),
             out_shardings=None if out is None else (cache_out, slots_out, out),
         )
@@ -224,8 +235,9 @@ class Engine:
         if block is None and any(r.first_token_time is None for r in self.running.values()):
             block = 1
         n = block or self.cfg.decode_block
+        unit = math.gcd(n, self.cfg.steps_per_check)  # divides n: no group overruns the block
         self.cache, self.slots, out = self._decode(
-            self.params, self.cache, self.slots, n, self.cfg.decode_block, self.all_greedy()
+            self.params, self.cache, self.slots, n, self.cfg.decode_block, self.all_greedy(), unit
         )
         out = np.asarray(out)  # [B, block * (k+1)]; -1 where a row produced nothing
         if self.k:
@@ -403,13 +415,17 @@ class Engine:
     def _release_impl(state: Slots, mask):
         return state.replace(active=state.active & ~mask)
 
-    def _decode_impl(self, params, cache, state: Slots, n_steps, block: int, greedy: bool):
+    def _decode_impl(
+        self, params, cache, state: Slots, n_steps, block: int, greedy: bool, unit: int
+    ):
         """Up to `n_steps` (<= block) decode steps on the device (each a plain step, or an MTP
         draft-verify step emitting up to k+1 tokens); stops early once no row is active.
         greedy (static): every running request is greedy (one program with the sampling left
-        out, one with it). Returns (cache, state, tokens [B, block * (k+1)], -1 where nothing
-        was produced)."""
-        self.compiles["decode", block] += 1
+        out, one with it). unit (static, divides n_steps): steps per iteration of the loop,
+        between two checks of its condition; a row that finished (or never ran) rides along
+        in them, emitting nothing. Returns (cache, state, tokens [B, block * (k+1)], -1 where
+        nothing was produced)."""
+        self.compiles["decode", block, unit] += 1
         model = self._model(params)
         B, k = state.token.shape[0], self.k
         step = functools.partial(self._spec_step if k else self._plain_step, greedy=greedy)
@@ -418,13 +434,18 @@ class Engine:
             i, _, state, _, _ = carry
             return (i < n_steps) & jnp.any(state.active)
 
-        def body(carry):
+        def one_step(carry):
             i, cache, state, out, cursor = carry
             cache, state, emitted, n_emit = step(model, cache, state)
             j = jnp.arange(emitted.shape[1])[None]
             at = jnp.where(j < n_emit[:, None], cursor[:, None] + j, out.shape[1])  # else dropped
             out = out.at[jnp.arange(B)[:, None], at].set(emitted, mode="drop")
             return i + 1, cache, state, out, cursor + n_emit
+
+        def body(carry):
+            for _ in range(unit):  # traced in sequence: no inner loop
+                carry = one_step(carry)
+            return carry
 
         out = jnp.full((B, block * (k + 1)), -1, jnp.int32)
         carry = (jnp.int32(0), cache, state, out, jnp.zeros((B,), jnp.int32))

@@ -89,6 +89,27 @@ def test_streaming_blocks_do_not_change_tokens(base_model):
     assert big == small
 
 
+def test_steps_between_checks_do_not_change_tokens(base_model):
+    """Steps traced in groups between the checks of the decode loop; rows that finish inside
+    a group (max_tokens 5 and 11, not multiples of 4) ride along without emitting, and a
+    sampled row draws the same tokens."""
+    prompts = prompts_of([9, 23, 14], seed=4)
+    params = [
+        SamplingParams(max_tokens=5, **GREEDY),
+        SamplingParams(max_tokens=11, **GREEDY),
+        SamplingParams(max_tokens=13, temperature=0.9, seed=5),
+    ]
+    kw = dict(max_num_seqs=3, decode_block=8)
+    every, _, _ = run(base_model, prompts, params, steps_per_check=1, **kw)
+    grouped, reqs, engine = run(base_model, prompts, params, steps_per_check=4, **kw)
+    assert grouped == every and [len(o) for o in grouped] == [5, 11, 13]
+    assert [r.finish_reason for r in reqs] == ["length"] * 3
+    # the one-step block after admission checks every step; the blocks of 8, every 4
+    assert engine.compiles["decode", 8, 1] == 1 and engine.compiles["decode", 8, 4] == 1
+    with pytest.raises(ValueError, match="steps_per_check=0"):
+        Engine(base_model, EngineConfig(steps_per_check=0), eos_ids=[])
+
+
 def test_block_outside_its_range_is_rejected(base_model):
     engine = Engine(base_model, EngineConfig(max_model_len=64, decode_block=8), eos_ids=[])
     for block in (9, -1):
@@ -109,7 +130,7 @@ def test_first_token_comes_after_one_step(base_model):
     b = engine.add_request(prompts_of([9], seed=1)[0], SamplingParams(max_tokens=30, **GREEDY))
     assert sorted(len(new) for _, new in engine.step()) == [1, 1]  # a waits one step for b
     assert len(a.output_ids) == 10 and len(b.output_ids) == 1
-    assert engine.compiles["decode", 8] == 1
+    assert engine.compiles["decode", 8, 1] == 1
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(base_model):
@@ -134,7 +155,7 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(base_model):
         base_model, prompts[:2], [SamplingParams(max_tokens=16, temperature=0.0), a]
     )
     assert mixed[0] == greedy[0] and mixed[1] == first[1]
-    assert engine.compiles["decode", engine.cfg.decode_block] == 1  # one program: mixed
+    assert engine.compiles["decode", engine.cfg.decode_block, 1] == 1  # one program: mixed
 
 
 def test_stop_token_ids_min_tokens_and_max_tokens(base_model):
@@ -177,7 +198,7 @@ def test_prompt_lengths_within_a_bucket_compile_once(base_model):
             engine.step()
     new = {k: v for k, v in engine.compiles.items() if before.get(k) != v}
     assert not new, f"recompiled: {new}"
-    assert engine.compiles["decode", engine.cfg.decode_block] == 1
+    assert engine.compiles["decode", engine.cfg.decode_block, 1] == 1
 
 
 def test_slots_are_freed_and_abort_works(base_model):

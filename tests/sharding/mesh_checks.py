@@ -277,7 +277,7 @@ def test_greedy_generation_identical(impl, tp, r):
     assert got == want
     assert all(len(o) == 12 for o in got)
     # the state's placements are pinned: the second decode block reuses the first's program
-    assert engine.compiles["decode", 8] == 1
+    assert engine.compiles["decode", 8, 1] == 1
     # the cache stays split after prefill and decode (donated and returned with its sharding)
     state = engine.cache["layers"][0][0].state
     heads = H if r == 1 else None  # attention replicas: every device holds every head
