@@ -149,6 +149,26 @@ def time_ours(fn, args, s0, reps, wall=True, rounds=5):
     return dev * 1e6, statistics.median(walls) * 1e6
 
 
+def kernels_per_call(fn, args, s0, n=4):
+    """Kernel custom-calls (the Pallas kernels) per call in the optimized program of n chained
+    calls, {"shared": every call reads the same operands, "copies": each its own (as
+    `time_ours`)}: a lower count with shared operands means XLA merged calls' kernels."""
+
+    def many(sets, s):
+        acc = jnp.float32(0)
+        for a in sets:
+            o, s = fn(a, s)
+            acc = acc + o.reshape(-1)[0].astype(jnp.float32)
+        return acc, s
+
+    counts = {}
+    for name in ("shared", "copies"):
+        sets = [args if name == "shared" else jax.tree.map(jnp.copy, args) for _ in range(n)]
+        hlo = jax.jit(many).lower(sets, s0).compile().as_text()
+        counts[name] = sum(" custom-call(" in ln for ln in hlo.splitlines()) / n
+    return counts
+
+
 def time_fla(fn):
     import triton
 
@@ -374,6 +394,10 @@ def prefill_sweep(log, configs=None, cases=None, reps=3, rounds=5):
         name = f"B={B} T={T} H={heads[0]} HV={heads[1]}"
         np_in = make_inputs(B, T, heads=heads)
         q, k, v, g, beta, s0 = to_jax(*np_in)
+        fn0 = lambda a, s: chunk_gated_delta_rule(  # noqa: E731
+            *a, initial_state=s, use_qk_l2norm=True, blocks=configs[0], interpret=DRY
+        )
+        log(f"  {name} kernels per call: {kernels_per_call(fn0, (q, k, v, g, beta), s0)}")
         fla_us = float("nan")
         try:
             import torch
