@@ -48,6 +48,14 @@ class ChunkBlocks:
     num_stages: int = 3  # the state pass's loads, 3 deep: -22% at B=1 T=8192 (RESULTS.md)
     max_programs: int = 132  # auto segments: one wave of the H200's 132 SMs ...
     min_chunks: int = 256  # ... and at least this many chunks per segment
+    # The output apart from the sequential pass: the pass stores each chunk's starting state
+    # and v_new (in the operand dtype, as its products read them), and a kernel parallel over
+    # chunks forms o = qd S + attn v_new. The walk over chunks then does two products per
+    # chunk, not four, for a [B, HV, T / chunk, K, V] array written and read back. The same
+    # products of the same operands as the fused pass (equal outputs in bf16; fp32 within
+    # rounding).
+    o_apart: bool = False
+    o_block_v: int = 128  # V columns per program of the output kernel
 
 
 def _l2n(x):  # [C, K] fp32, rows normalised as reference.l2norm
@@ -139,11 +147,15 @@ def _state_kernel(
     chunk: int,
     n_v_blocks: int,
     write_o: bool,
+    write_h: bool,
 ):
     # qd_ref, kd_ref, w_ref [Ts, K]  u_ref [Ts, BV]  attn_ref [Ts, C]  gam_ref [Ts] fp32
-    # h0_ref [K, BV] fp32.  out: o_ref [Ts, BV] (when write_o), ht_ref [K, BV] fp32
+    # h0_ref [K, BV] fp32.  out: o_ref [Ts, BV] (when write_o), or (when write_h) hs_ref
+    # [Ts / C, K, BV] and vn_ref [Ts, BV], each chunk's starting state and v_new in the
+    # operand dtype; then ht_ref [K, BV] fp32
     ht_ref = out_refs[-1]
     o_ref = out_refs[0] if write_o else None
+    hs_ref, vn_ref = (out_refs[0], out_refs[1]) if write_h else (None, None)
     cdt = u_ref.dtype
     n_chunks = qd_ref.shape[0] // chunk
     # Programs past the real V blocks carry the transition columns: their u is zero.
@@ -157,11 +169,49 @@ def _state_kernel(
         v_new = u_ref[rows, :].astype(jnp.float32) * u_on - _dot(w_ref[rows, :], s_c)
         v_c = v_new.astype(cdt)  # [C, BV]
         if write_o:
-            o = _dot(qd_ref[rows, :], s_c) + _dot(attn_ref[rows, :], v_c)
-            o_ref[rows, :] = o.astype(o_ref.dtype)
+            o_ref[rows, :] = _chunk_output(qd_ref[rows, :], s_c, attn_ref[rows, :], v_c, o_ref)
+        if write_h:
+            hs_ref[n] = s_c
+            vn_ref[rows, :] = v_c
         return s * decay + _dot_tn(kd_ref[rows, :], v_c)
 
     ht_ref[...] = jax.lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(jnp.float32))
+
+
+def _chunk_output(qd, s_c, attn, v_c, o_ref):
+    """o = qd S + attn v_new for one chunk: [C, K] x [K, BV] + [C, C] x [C, BV], in o's dtype."""
+    return (_dot(qd, s_c) + _dot(attn, v_c)).astype(o_ref.dtype)
+
+
+def _output_kernel(qd_ref, hs_ref, attn_ref, vn_ref, o_ref):
+    # qd_ref [C, K]  hs_ref [K, BV]  attn_ref [C, C]  vn_ref [C, BV]  ->  o_ref [C, BV]
+    o_ref[...] = _chunk_output(qd_ref[...], hs_ref[...], attn_ref[...], vn_ref[...], o_ref)
+
+
+def _output_pass(prep, hs, vn, *, blocks, o_dtype, interpret):
+    """o [B, Tp, HV, V] from each chunk's starting state hs [B, HV, Tp / C, K, V] and v_new
+    vn [B, HV, Tp, V], parallel over (batch, value head, chunk, V block)."""
+    _, _, qd, _, attn = prep
+    B, HV, Tp, K = qd.shape
+    V, C = vn.shape[3], attn.shape[3]
+    BV = min(blocks.o_block_v, V)
+    if V % BV or BV & (BV - 1):
+        raise ValueError(f"o_block_v={blocks.o_block_v} must be a power of 2 dividing V={V}")
+    return pl.pallas_call(
+        _output_kernel,
+        grid=(B, HV, Tp // C, V // BV),
+        in_specs=[
+            pl.BlockSpec((None, None, C, K), lambda b, h, n, j: (b, h, n, 0)),
+            pl.BlockSpec((None, None, None, K, BV), lambda b, h, n, j: (b, h, n, 0, j)),
+            pl.BlockSpec((None, None, C, C), lambda b, h, n, j: (b, h, n, 0)),
+            pl.BlockSpec((None, None, C, BV), lambda b, h, n, j: (b, h, n, j)),
+        ],
+        out_specs=pl.BlockSpec((None, C, None, BV), lambda b, h, n, j: (b, n, h, j)),
+        out_shape=jax.ShapeDtypeStruct((B, Tp, HV, V), o_dtype),
+        compiler_params=compiler_params(blocks.prep_warps, 1),
+        interpret=interpret,
+        name="gdn_chunk_output",
+    )(qd, hs, attn, vn)
 
 
 def _prep(q, k, v, gam, beta, *, R, scale, blocks, l2norm, interpret):
@@ -194,7 +244,8 @@ def _state_pass(prep, gam, h0, *, NS, blocks, write_o, o_dtype, interpret):
     """Sequential pass over the chunks of each of NS segments.
 
     h0 [B*NS, HV, K, Vh] fp32 (Vh = V, or V + K with the transition columns). Returns
-    (o [B, Tp, HV, V] or None, final [B*NS, HV, K, Vh] fp32)."""
+    (o [B, Tp, HV, V] or None, final [B*NS, HV, K, Vh] fp32). With blocks.o_apart the pass
+    stores each chunk's starting state and v_new instead of o, and `_output_pass` forms o."""
     w, u, qd, kd, attn = prep
     B, HV, Tp, K = w.shape
     V, C = u.shape[3], attn.shape[3]
@@ -204,7 +255,14 @@ def _state_pass(prep, gam, h0, *, NS, blocks, write_o, o_dtype, interpret):
     NV = V // BV
     grid = (B * NS, HV, Vh // BV)
 
-    kernel = functools.partial(_state_kernel, chunk=blocks.chunk, n_v_blocks=NV, write_o=write_o)
+    write_h = write_o and blocks.o_apart
+    kernel = functools.partial(
+        _state_kernel,
+        chunk=blocks.chunk,
+        n_v_blocks=NV,
+        write_o=write_o and not write_h,
+        write_h=write_h,
+    )
     seg = lambda d: pl.BlockSpec((None, None, Ts, d), lambda i, h, j: (i // NS, h, i % NS, 0))
     in_specs = [
         seg(K),
@@ -219,7 +277,17 @@ def _state_pass(prep, gam, h0, *, NS, blocks, write_o, o_dtype, interpret):
     ]
     out_specs = [pl.BlockSpec((None, None, K, BV), lambda i, h, j: (i, h, 0, j))]
     out_shape = [jax.ShapeDtypeStruct((B * NS, HV, K, Vh), jnp.float32)]
-    if write_o:
+    if write_h:  # each chunk's starting state [B, HV, Tp / C, K, V] and v_new [B, HV, Tp, V]
+        Ns = Ts // C
+        out_specs[:0] = [
+            pl.BlockSpec((None, None, Ns, K, BV), lambda i, h, j: (i // NS, h, i % NS, 0, j)),
+            pl.BlockSpec((None, None, Ts, BV), lambda i, h, j: (i // NS, h, i % NS, j)),
+        ]
+        out_shape[:0] = [
+            jax.ShapeDtypeStruct((B, HV, Tp // C, K, V), u.dtype),
+            jax.ShapeDtypeStruct((B, HV, Tp, V), u.dtype),
+        ]
+    elif write_o:
         out_specs.insert(
             0, pl.BlockSpec((None, Ts, None, BV), lambda i, h, j: (i // NS, i % NS, h, j))
         )
@@ -234,6 +302,10 @@ def _state_pass(prep, gam, h0, *, NS, blocks, write_o, o_dtype, interpret):
         interpret=interpret,
         name="gdn_chunk_state" if write_o else "gdn_chunk_transition",
     )(qd, kd, w, u, attn, gam, h0)
+    if write_h:
+        hs, vn, final = outs
+        o = _output_pass(prep, hs, vn, blocks=blocks, o_dtype=o_dtype, interpret=interpret)
+        return o, final
     return (outs[0], outs[1]) if write_o else (None, outs[0])
 
 

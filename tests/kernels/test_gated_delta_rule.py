@@ -75,6 +75,36 @@ def test_chunk_matches_reference(T, R, with_state, dtype, segments):
     assert rel_err(st, st_ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype, segments", [(jnp.bfloat16, 1), (jnp.float32, 2)])
+def test_chunk_output_apart_equals_fused(dtype, segments):
+    """The output formed by its own kernel from the stored chunk states and v_new
+    (ChunkBlocks.o_apart) equals the fused pass's: the same products of the same operands."""
+    q, k, v, g, beta, s0 = gdn_inputs(1, 150, 2, 2, K, V, dtype, seed=11)
+
+    def prefill(**kw):
+        blocks = ChunkBlocks(block_v=16, num_segments=segments, **kw)
+        return run(
+            chunk_gated_delta_rule,
+            q,
+            k,
+            v,
+            g,
+            beta,
+            initial_state=s0,
+            use_qk_l2norm=True,
+            interpret=INTERPRET,
+            blocks=blocks,
+        )
+
+    (o, st), (o_apart, st_apart) = prefill(), prefill(o_apart=True, o_block_v=16)
+    assert o_apart.shape == o.shape and o_apart.dtype == o.dtype
+    assert rel_err(o_apart, o) < 1e-6 and rel_err(st_apart, st) == 0
+    o_ref, _ = _ref(q, k, v, g, beta, s0)
+    assert rel_err(o_apart, o_ref) < TOL[dtype]
+    with pytest.raises(ValueError, match="o_block_v=24 must be a power of 2 dividing V"):
+        prefill(o_apart=True, o_block_v=24)
+
+
 def test_chunk_two_pieces_equal_one():
     """Prefill in two pieces, state carried, equals one prefill of the whole sequence."""
     q, k, v, g, beta, s0 = gdn_inputs(1, 130, 2, 2, K, V, jnp.float32, seed=7)
