@@ -423,6 +423,7 @@ def prefill_sweep(log, configs=None, cases=None, reps=3, rounds=5):
             b = blocks
             label = f"C={b.chunk} bv={b.block_v} sw={b.state_warps} st={b.num_stages}"
             label += " o apart" if b.o_apart else ""
+            label += f" ns={b.num_segments}" if b.num_segments else ""
             try:
                 fn = lambda a, s, blocks=blocks: chunk_gated_delta_rule(
                     *a, initial_state=s, use_qk_l2norm=True, blocks=blocks, interpret=DRY
@@ -466,7 +467,7 @@ def main():
         "--configs",
         nargs="*",
         default=[],
-        help="sweep configs chunk,block_v,state_warps,stages[,o_apart (0 / 1)]",
+        help="sweep configs chunk,block_v,state_warps,stages[,o_apart 0/1[,segments, 0: auto]]",
     )
     ap.add_argument("--cases", nargs="*", default=[], help="sweep cases BxTxH (HV = 2H)")
     ap.add_argument("--reps", type=int, default=3, help="sweep: calls per timed program")
@@ -491,8 +492,15 @@ def main():
         log("fla not importable:\n" + traceback.format_exc())
     if args.prefill_sweep:
         configs = [
-            ChunkBlocks(chunk=c, block_v=bv, state_warps=sw, num_stages=st, o_apart=bool(ap))
-            for c, bv, sw, st, ap in ([*map(int, x.split(",")), 0][:5] for x in args.configs)
+            ChunkBlocks(
+                chunk=c,
+                block_v=bv,
+                state_warps=sw,
+                num_stages=st,
+                o_apart=bool(ap),
+                num_segments=ns or None,
+            )
+            for c, bv, sw, st, ap, ns in ([*map(int, x.split(",")), 0, 0][:6] for x in args.configs)
         ]
         cases = [(b, t, (h, 2 * h)) for b, t, h in (map(int, x.split("x")) for x in args.cases)]
         prefill_sweep(log, configs, cases, args.reps, args.rounds)
