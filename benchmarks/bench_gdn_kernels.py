@@ -5,6 +5,7 @@ in the kernel. Prints, per case: ours, fla, ours/fla, and the hardware floor; an
 error of our output against fla's and against the fp32 reference.
 
   XLA_PYTHON_CLIENT_PREALLOCATE=false python benchmarks/bench_gdn_kernels.py [--sweep] [--quick]
+      [--prefill-sweep --configs ... --cases ...] [--timing-check]
 
 Timing. fla: triton.testing.do_bench median (as the anchors in shared/spec/anchors.md).
 Ours: "dev" = per-call device time, from jitted programs that run the kernel back to back
@@ -167,6 +168,74 @@ def kernels_per_call(fn, args, s0, n=4):
         hlo = jax.jit(many).lower(sets, s0).compile().as_text()
         counts[name] = sum(" custom-call(" in ln for ln in hlo.splitlines()) / n
     return counts
+
+
+def timing_check(log, B=1, T=8192, reps=5, rounds=5):
+    """One prefill case timed four ways, to tell what a timing method adds: the median wall
+    time of single calls (with the dispatch), the marginal per-call time (`time_ours`) with
+    every call on its own copy of the inputs and with all calls on the same inputs, and the
+    prep kernel alone (copies)."""
+    from pallas_kernels.gated_delta_rule import chunk as ck
+
+    q, k, v, g, beta, s0 = to_jax(*make_inputs(B, T))
+    args = (q, k, v, g, beta)
+    fn = lambda a, s: chunk_gated_delta_rule(  # noqa: E731
+        *a, initial_state=s, use_qk_l2norm=True, interpret=DRY
+    )
+
+    def marginal(f, sets_n, sets_2n):
+        @jax.jit
+        def many(sets, s):
+            acc = jnp.float32(0)
+            for a in sets:
+                o, s = f(a, s)
+                acc = acc + o.reshape(-1)[0].astype(jnp.float32)
+            return acc, s
+
+        def timed(sets):
+            t0 = time.perf_counter()
+            jax.block_until_ready(many(sets, s0))
+            return time.perf_counter() - t0
+
+        timed(sets_n), timed(sets_2n)
+        one, two = [], []
+        for _ in range(rounds):
+            one.append(timed(sets_n))
+            two.append(timed(sets_2n))
+        return (statistics.median(two) - statistics.median(one)) / len(sets_n) * 1e6
+
+    def prep_only(a, s):
+        q, k, v, g, beta = a
+        C = ChunkBlocks().chunk
+        gam = jnp.cumsum(g.transpose(0, 2, 1).reshape(B, HV, T // C, C), axis=-1)
+        out = ck._prep(
+            q,
+            k,
+            v,
+            gam.reshape(B, HV, T),
+            beta.transpose(0, 2, 1),
+            R=HV // H,
+            scale=K**-0.5,
+            blocks=ChunkBlocks(),
+            l2norm=True,
+            interpret=DRY,
+        )
+        return out[0], s
+
+    one = jax.jit(fn)
+    jax.block_until_ready(one(args, s0))
+    walls = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        jax.block_until_ready(one(args, s0))
+        walls.append(time.perf_counter() - t0)
+    copies = [jax.tree.map(jnp.copy, args) for _ in range(2 * reps)]
+    shared = marginal(fn, [args] * reps, [args] * 2 * reps)
+    log(f"timing check, prefill B={B} T={T}, us per call:")
+    log(f"  single calls, wall time with dispatch: {statistics.median(walls) * 1e6:.1f}")
+    log(f"  marginal, each call on its own inputs: {marginal(fn, copies[:reps], copies):.1f}")
+    log(f"  marginal, all calls on the same inputs: {shared:.1f}")
+    log(f"  prep kernel alone (own inputs): {marginal(prep_only, copies[:reps], copies):.1f}")
 
 
 def time_fla(fn):
@@ -472,6 +541,11 @@ def main():
     ap.add_argument("--cases", nargs="*", default=[], help="sweep cases BxTxH (HV = 2H)")
     ap.add_argument("--reps", type=int, default=3, help="sweep: calls per timed program")
     ap.add_argument("--rounds", type=int, default=5, help="sweep: timed programs (median)")
+    ap.add_argument(
+        "--timing-check",
+        action="store_true",
+        help="one prefill case timed with shared and with copied inputs, and its prep alone",
+    )
     ap.add_argument("--log", default=None)
     args = ap.parse_args()
     logf = open(args.log, "w") if args.log else None
@@ -490,6 +564,9 @@ def main():
         log(f"torch {torch.__version__} fla {fla.__version__}")
     except Exception:
         log("fla not importable:\n" + traceback.format_exc())
+    if args.timing_check:
+        timing_check(log, T=256 if DRY else 8192)
+        return
     if args.prefill_sweep:
         configs = [
             ChunkBlocks(
@@ -509,11 +586,12 @@ def main():
     R = dataclasses.replace
     if args.sweep:  # tuned on the first case of each kind, then reused
         pre = [
+            ChunkBlocks(num_segments=1),
             ChunkBlocks(num_segments=2),
             ChunkBlocks(num_segments=2, state_warps=8),
-            ChunkBlocks(num_segments=4, state_warps=8),
-            ChunkBlocks(num_segments=2, state_warps=8, prep_warps=8),
-            ChunkBlocks(num_segments=1),
+            ChunkBlocks(num_segments=1, o_apart=True),
+            ChunkBlocks(num_segments=2, o_apart=True),
+            ChunkBlocks(num_segments=4, o_apart=True),
         ]
         dec1 = [DecodeBlocks(block_v=32), DecodeBlocks(block_v=16, num_warps=2)]
         dec = [
