@@ -9,8 +9,9 @@ error of our output against fla's and against the fp32 reference.
 
 Timing. fla: triton.testing.do_bench median (as the anchors in shared/spec/anchors.md).
 Ours: "dev" = per-call device time, from jitted programs that run the kernel back to back
-(state carried from call to call, so nothing is hoisted), the marginal time of `reps` more calls
-(`time_ours`): what a model step sees. "call" = median wall time of single jitted calls with
+(state carried from call to call, each call on its own copy of the inputs), the marginal time
+of `reps` more calls (`time_ours`): what a model step sees. (Calls that all read the same
+inputs timed the prefill 2-5x too fast on an H100; RESULTS.md, run BJ.) "call" = median wall time of single jitted calls with
 block_until_ready, which adds ~tens of us of host dispatch (jax) that do_bench does not count
 for fla's launches either.
 """
