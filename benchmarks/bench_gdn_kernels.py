@@ -11,9 +11,9 @@ Timing. fla: triton.testing.do_bench median (as the anchors in shared/spec/ancho
 Ours: "dev" = per-call device time, from jitted programs that run the kernel back to back
 (state carried from call to call, each call on its own copy of the inputs), the marginal time
 of `reps` more calls (`time_ours`): what a model step sees. (Calls that all read the same
-inputs timed the prefill 2-5x too fast on an H100; RESULTS.md, run BJ.) "call" = median wall time of single jitted calls with
-block_until_ready, which adds ~tens of us of host dispatch (jax) that do_bench does not count
-for fla's launches either.
+inputs timed the prefill 2-5x too fast on an H100; RESULTS.md, run BJ.) "call" = median wall
+time of single jitted calls with block_until_ready, which adds ~tens of us of host dispatch
+(jax) that do_bench does not count for fla's launches either.
 """
 
 from __future__ import annotations

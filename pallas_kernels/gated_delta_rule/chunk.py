@@ -45,7 +45,9 @@ class ChunkBlocks:
     num_segments: int | None = None
     prep_warps: int = 4
     state_warps: int = 4
-    num_stages: int = 3  # the state pass's loads, 3 deep: -22% at B=1 T=8192 (RESULTS.md)
+    # the state pass's loads, 3 deep: -22% at B=1 T=8192 (RESULTS.md, run BB; timed with every
+    # call on the same inputs, which RESULTS run BJ found 2-5x too fast: to re-check)
+    num_stages: int = 3
     max_programs: int = 132  # auto segments: one wave of the H200's 132 SMs ...
     min_chunks: int = 256  # ... and at least this many chunks per segment
     # The output apart from the sequential pass: the pass stores each chunk's starting state
