@@ -103,58 +103,9 @@ def torch_np(x):
     return x.float().cpu().numpy()
 
 
-def time_ours(fn, args, s0, reps, wall=True, rounds=5):
-    """fn(args, state) -> (o, state). Returns (device us per call, wall us per single call).
-
-    Device time per call is marginal: a jitted program runs fn n times back to back (unrolled;
-    the state carried from call to call), timed at n = reps and n = 2 * reps (alternating,
-    `rounds` each); (median(2 reps) - median(reps)) / reps. The difference cancels what a
-    program costs once (dispatch, the GPU's clock ramp after idle host work, output
-    allocation), which divided by a few reps had doubled the per-call time of short programs.
-    Every call reads its own copy of `args`: with one set of operands XLA may merge the
-    calls' kernels that do not read the state (common subexpressions: the chunked prefill's
-    preparation and first segment pass), and only the state-dependent rest would be timed. (Not a
-    while loop: on the GPU each of its iterations waits for the host to read the predicate.)
-    Arrays go in as arguments (closing over them would make XLA constant-fold the wrapper)."""
-
-    copies = [jax.tree.map(jnp.copy, args) for _ in range(2 * reps)]
-
-    @jax.jit
-    def many(sets, s):  # one call per operand set
-        acc = jnp.float32(0)
-        for a in sets:
-            o, s = fn(a, s)
-            acc = acc + o.reshape(-1)[0].astype(jnp.float32)
-        return acc, s
-
-    def timed(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(many(copies[:n], s0))
-        return time.perf_counter() - t0
-
-    timed(reps), timed(2 * reps)  # compile both programs and warm up
-    once, twice = [], []
-    for _ in range(rounds):
-        once.append(timed(reps))
-        twice.append(timed(2 * reps))
-    dev = (statistics.median(twice) - statistics.median(once)) / reps
-    copies.clear()  # free the copies before the wall-time calls
-    walls = [float("nan")]
-    if wall:
-        one = jax.jit(fn)
-        jax.block_until_ready(one(args, s0))
-        walls = []
-        for _ in range(10):
-            t0 = time.perf_counter()
-            jax.block_until_ready(one(args, s0))
-            walls.append(time.perf_counter() - t0)
-    return dev * 1e6, statistics.median(walls) * 1e6
-
-
-def kernels_per_call(fn, args, s0, n=4):
-    """Kernel custom-calls (the Pallas kernels) per call in the optimized program of n chained
-    calls, {"shared": every call reads the same operands, "copies": each its own (as
-    `time_ours`)}: a lower count with shared operands means XLA merged calls' kernels."""
+def _chained(fn):
+    """many(sets, s): fn applied once per operand set in `sets`, the state carried from call to
+    call, unrolled; returns (the sum of each output's first element, the final state)."""
 
     def many(sets, s):
         acc = jnp.float32(0)
@@ -163,10 +114,65 @@ def kernels_per_call(fn, args, s0, n=4):
             acc = acc + o.reshape(-1)[0].astype(jnp.float32)
         return acc, s
 
+    return many
+
+
+def marginal_us(fn, sets, s0, rounds=5):
+    """Per-call device time of fn (us): programs of the first half of `sets` and of all of
+    them, timed alternately `rounds` times; (median(all) - median(half)) / half. The difference
+    cancels what a program costs once (dispatch, the GPU's clock ramp after idle host work,
+    output allocation)."""
+    many, n = jax.jit(_chained(fn)), len(sets) // 2
+
+    def timed(part):
+        t0 = time.perf_counter()
+        jax.block_until_ready(many(part, s0))
+        return time.perf_counter() - t0
+
+    timed(sets[:n]), timed(sets)  # compile both programs and warm up
+    once, twice = [], []
+    for _ in range(rounds):
+        once.append(timed(sets[:n]))
+        twice.append(timed(sets))
+    return (statistics.median(twice) - statistics.median(once)) / n * 1e6
+
+
+def wall_us(fn, args, s0, calls=10):
+    """Median wall time (us) of single jitted calls, dispatch included."""
+    one = jax.jit(fn)
+    jax.block_until_ready(one(args, s0))
+    walls = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        jax.block_until_ready(one(args, s0))
+        walls.append(time.perf_counter() - t0)
+    return statistics.median(walls) * 1e6
+
+
+def time_ours(fn, args, s0, reps, wall=True, rounds=5):
+    """fn(args, state) -> (o, state). Returns (device us per call, wall us per single call).
+
+    Device time per call is marginal (`marginal_us`: programs of reps and of 2 * reps calls);
+    divided by a few reps, a program's fixed cost had doubled the per-call time of short
+    programs. Every call reads its own copy of `args`: with one set of inputs read by every
+    call the chunked prefill came out 2-5x too fast on an H100 although XLA merged no kernels
+    (RESULTS.md, run BJ). (Not a while loop: on the GPU each of its iterations waits for the
+    host to read the predicate.) Arrays go in as arguments (closing over them would make XLA
+    constant-fold the wrapper)."""
+    copies = [jax.tree.map(jnp.copy, args) for _ in range(2 * reps)]
+    dev = marginal_us(fn, copies, s0, rounds)
+    copies.clear()  # free the copies before the wall-time calls
+    return dev, wall_us(fn, args, s0) if wall else float("nan")
+
+
+def kernels_per_call(fn, args, s0, n=4):
+    """Kernel custom-calls (the Pallas kernels) per call in the optimized program of n chained
+    calls, {"shared": every call reads the same operands, "copies": each its own (as
+    `time_ours`)}: a lower count with shared operands means XLA merged calls' kernels."""
     counts = {}
     for name in ("shared", "copies"):
         sets = [args if name == "shared" else jax.tree.map(jnp.copy, args) for _ in range(n)]
-        hlo = jax.jit(many).lower(sets, s0).compile().as_text()
+        hlo = jax.jit(_chained(fn)).lower(sets, s0).compile().as_text()
         counts[name] = sum(" custom-call(" in ln for ln in hlo.splitlines()) / n
     return counts
 
@@ -183,27 +189,6 @@ def timing_check(log, B=1, T=8192, reps=5, rounds=5):
     fn = lambda a, s: chunk_gated_delta_rule(  # noqa: E731
         *a, initial_state=s, use_qk_l2norm=True, interpret=DRY
     )
-
-    def marginal(f, sets_n, sets_2n):
-        @jax.jit
-        def many(sets, s):
-            acc = jnp.float32(0)
-            for a in sets:
-                o, s = f(a, s)
-                acc = acc + o.reshape(-1)[0].astype(jnp.float32)
-            return acc, s
-
-        def timed(sets):
-            t0 = time.perf_counter()
-            jax.block_until_ready(many(sets, s0))
-            return time.perf_counter() - t0
-
-        timed(sets_n), timed(sets_2n)
-        one, two = [], []
-        for _ in range(rounds):
-            one.append(timed(sets_n))
-            two.append(timed(sets_2n))
-        return (statistics.median(two) - statistics.median(one)) / len(sets_n) * 1e6
 
     def prep_only(a, s):
         q, k, v, g, beta = a
@@ -223,20 +208,13 @@ def timing_check(log, B=1, T=8192, reps=5, rounds=5):
         )
         return out[0], s
 
-    one = jax.jit(fn)
-    jax.block_until_ready(one(args, s0))
-    walls = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        jax.block_until_ready(one(args, s0))
-        walls.append(time.perf_counter() - t0)
     copies = [jax.tree.map(jnp.copy, args) for _ in range(2 * reps)]
-    shared = marginal(fn, [args] * reps, [args] * 2 * reps)
     log(f"timing check, prefill B={B} T={T}, us per call:")
-    log(f"  single calls, wall time with dispatch: {statistics.median(walls) * 1e6:.1f}")
-    log(f"  marginal, each call on its own inputs: {marginal(fn, copies[:reps], copies):.1f}")
+    log(f"  single calls, wall time with dispatch: {wall_us(fn, args, s0):.1f}")
+    log(f"  marginal, each call on its own inputs: {marginal_us(fn, copies, s0, rounds):.1f}")
+    shared = marginal_us(fn, [args] * 2 * reps, s0, rounds)
     log(f"  marginal, all calls on the same inputs: {shared:.1f}")
-    log(f"  prep kernel alone (own inputs): {marginal(prep_only, copies[:reps], copies):.1f}")
+    log(f"  prep kernel alone (own inputs): {marginal_us(prep_only, copies, s0, rounds):.1f}")
 
 
 def time_fla(fn):
