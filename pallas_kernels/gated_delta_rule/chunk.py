@@ -171,7 +171,8 @@ def _state_kernel(
         v_new = u_ref[rows, :].astype(jnp.float32) * u_on - _dot(w_ref[rows, :], s_c)
         v_c = v_new.astype(cdt)  # [C, BV]
         if write_o:
-            o_ref[rows, :] = _chunk_output(qd_ref[rows, :], s_c, attn_ref[rows, :], v_c, o_ref)
+            o = _chunk_output(qd_ref[rows, :], s_c, attn_ref[rows, :], v_c)
+            o_ref[rows, :] = o.astype(o_ref.dtype)
         if write_h:
             hs_ref[n] = s_c
             vn_ref[rows, :] = v_c
@@ -180,14 +181,15 @@ def _state_kernel(
     ht_ref[...] = jax.lax.fori_loop(0, n_chunks, body, h0_ref[...].astype(jnp.float32))
 
 
-def _chunk_output(qd, s_c, attn, v_c, o_ref):
-    """o = qd S + attn v_new for one chunk: [C, K] x [K, BV] + [C, C] x [C, BV], in o's dtype."""
-    return (_dot(qd, s_c) + _dot(attn, v_c)).astype(o_ref.dtype)
+def _chunk_output(qd, s_c, attn, v_c):
+    """o = qd S + attn v_new for one chunk: [C, K] x [K, BV] + [C, C] x [C, BV], fp32."""
+    return _dot(qd, s_c) + _dot(attn, v_c)
 
 
 def _output_kernel(qd_ref, hs_ref, attn_ref, vn_ref, o_ref):
     # qd_ref [C, K]  hs_ref [K, BV]  attn_ref [C, C]  vn_ref [C, BV]  ->  o_ref [C, BV]
-    o_ref[...] = _chunk_output(qd_ref[...], hs_ref[...], attn_ref[...], vn_ref[...], o_ref)
+    o = _chunk_output(qd_ref[...], hs_ref[...], attn_ref[...], vn_ref[...])
+    o_ref[...] = o.astype(o_ref.dtype)
 
 
 def _output_pass(prep, hs, vn, *, blocks, o_dtype, interpret):

@@ -40,6 +40,21 @@ def _ref(q, k, v, g, beta, s0, **kw):
     )
 
 
+def _chunk(q, k, v, g, beta, s0, blocks):
+    return run(
+        chunk_gated_delta_rule,
+        q,
+        k,
+        v,
+        g,
+        beta,
+        initial_state=s0,
+        use_qk_l2norm=True,
+        interpret=INTERPRET,
+        blocks=blocks,
+    )
+
+
 @pytest.mark.parametrize(
     "T, R, with_state, dtype, segments",
     [
@@ -55,19 +70,7 @@ def _ref(q, k, v, g, beta, s0, **kw):
 )
 def test_chunk_matches_reference(T, R, with_state, dtype, segments):
     q, k, v, g, beta, s0 = gdn_inputs(2, T, 2, R, K, V, dtype, seed=T + R, with_state=with_state)
-    blocks = ChunkBlocks(block_v=16, num_segments=segments)
-    o, st = run(
-        chunk_gated_delta_rule,
-        q,
-        k,
-        v,
-        g,
-        beta,
-        initial_state=s0,
-        use_qk_l2norm=True,
-        interpret=INTERPRET,
-        blocks=blocks,
-    )
+    o, st = _chunk(q, k, v, g, beta, s0, ChunkBlocks(block_v=16, num_segments=segments))
     o_ref, st_ref = _ref(q, k, v, g, beta, s0)
     assert o.shape == v.shape and o.dtype == v.dtype
     assert st.shape == (2, 2 * R, K, V) and st.dtype == jnp.float32
@@ -82,19 +85,7 @@ def test_chunk_output_apart_equals_fused(dtype, segments):
     q, k, v, g, beta, s0 = gdn_inputs(1, 150, 2, 2, K, V, dtype, seed=11)
 
     def prefill(**kw):
-        blocks = ChunkBlocks(block_v=16, num_segments=segments, **kw)
-        return run(
-            chunk_gated_delta_rule,
-            q,
-            k,
-            v,
-            g,
-            beta,
-            initial_state=s0,
-            use_qk_l2norm=True,
-            interpret=INTERPRET,
-            blocks=blocks,
-        )
+        return _chunk(q, k, v, g, beta, s0, ChunkBlocks(block_v=16, num_segments=segments, **kw))
 
     (o, st), (o_apart, st_apart) = prefill(), prefill(o_apart=True, o_block_v=16)
     assert o_apart.shape == o.shape and o_apart.dtype == o.dtype
@@ -108,18 +99,7 @@ def test_chunk_output_apart_equals_fused(dtype, segments):
 def test_chunk_two_pieces_equal_one():
     """Prefill in two pieces, state carried, equals one prefill of the whole sequence."""
     q, k, v, g, beta, s0 = gdn_inputs(1, 130, 2, 2, K, V, jnp.float32, seed=7)
-    prefill = lambda sl, s: run(
-        chunk_gated_delta_rule,
-        q[:, sl],
-        k[:, sl],
-        v[:, sl],
-        g[:, sl],
-        beta[:, sl],
-        initial_state=s,
-        use_qk_l2norm=True,
-        interpret=INTERPRET,
-        blocks=SMALL,
-    )
+    prefill = lambda sl, s: _chunk(q[:, sl], k[:, sl], v[:, sl], g[:, sl], beta[:, sl], s, SMALL)
     o_all, s_all = prefill(slice(0, 130), s0)
     o1, s1 = prefill(slice(0, 65), s0)
     o2, s2 = prefill(slice(65, 130), s1)
