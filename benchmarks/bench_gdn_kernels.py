@@ -192,7 +192,7 @@ def timing_check(log, B=1, T=8192, reps=5, rounds=5):
 
     def prep_only(a, s):
         q, k, v, g, beta = a
-        C = ChunkBlocks().chunk
+        C = 64  # the chunk ChunkBlocks() picks at B=1
         gam = jnp.cumsum(g.transpose(0, 2, 1).reshape(B, HV, T // C, C), axis=-1)
         out = ck._prep(
             q,
@@ -202,7 +202,7 @@ def timing_check(log, B=1, T=8192, reps=5, rounds=5):
             beta.transpose(0, 2, 1),
             R=HV // H,
             scale=K**-0.5,
-            blocks=ChunkBlocks(),
+            blocks=ChunkBlocks(chunk=C),
             l2norm=True,
             interpret=DRY,
         )
@@ -469,7 +469,8 @@ def prefill_sweep(log, configs=None, cases=None, reps=3, rounds=5):
         o_first = None
         for blocks in configs:
             b = blocks
-            label = f"C={b.chunk} bv={b.block_v} sw={b.state_warps} st={b.num_stages}"
+            label = f"C={b.chunk} bv={b.block_v} pw={b.prep_warps} sw={b.state_warps}"
+            label += f" st={b.num_stages}"
             label += " o apart" if b.o_apart else ""
             label += f" ns={b.num_segments}" if b.num_segments else ""
             try:
@@ -515,7 +516,8 @@ def main():
         "--configs",
         nargs="*",
         default=[],
-        help="sweep configs chunk,block_v,state_warps,stages[,o_apart 0/1[,segments, 0: auto]]",
+        help="sweep configs chunk,block_v,state_warps,stages[,o_apart 0/1[,segments (0: auto)"
+        "[,prep_warps (0: default)]]]",
     )
     ap.add_argument("--cases", nargs="*", default=[], help="sweep cases BxTxH (HV = 2H)")
     ap.add_argument("--reps", type=int, default=3, help="sweep: calls per timed program")
@@ -555,8 +557,11 @@ def main():
                 num_stages=st,
                 o_apart=bool(ap),
                 num_segments=ns or None,
+                prep_warps=pw or ChunkBlocks.prep_warps,
             )
-            for c, bv, sw, st, ap, ns in ([*map(int, x.split(",")), 0, 0][:6] for x in args.configs)
+            for c, bv, sw, st, ap, ns, pw in (
+                [*map(int, x.split(",")), 0, 0, 0][:7] for x in args.configs
+            )
         ]
         cases = [(b, t, (h, 2 * h)) for b, t, h in (map(int, x.split("x")) for x in args.cases)]
         prefill_sweep(log, configs, cases, args.reps, args.rounds)

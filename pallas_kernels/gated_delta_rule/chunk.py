@@ -37,31 +37,36 @@ _L2_EPS = 1e-6
 
 @dataclasses.dataclass(frozen=True)
 class ChunkBlocks:
-    """Block sizes. chunk: tokens per chunk (power of 2, >= 16); block_v: V columns per program;
-    num_segments: sequence segments run in parallel (None: pick from the program count)."""
+    """Block sizes. chunk: tokens per chunk (power of 2, >= 16; None: `_auto_chunk`);
+    block_v: V columns per program; num_segments: sequence segments run in parallel (None:
+    pick from the program count)."""
 
-    chunk: int = 64
+    chunk: int | None = None
     block_v: int = 64
-    num_segments: int | None = None
-    prep_warps: int = 4
+    # One segment: on an H100 two segments cost +26% at B=1 T=32768 and four +58% at B=1
+    # T=8192 (benchmarks/RESULTS.md, run BN); the segmented path stays for num_segments > 1
+    # and None.
+    num_segments: int | None = 1
+    prep_warps: int = 4  # 8 warps: +54% on the prep kernel (run BM)
     state_warps: int = 4
-    # the state pass's loads, 3 deep: -22% at B=1 T=8192 (RESULTS.md, run BB; timed with every
-    # call on the same inputs, which RESULTS run BJ found 2-5x too fast: to re-check)
+    # The state pass's loads, 3 deep: -11% at B=1 T=8192, -12% at B=1 T=32768 against 2
+    # (H100, each timed call on its own inputs; runs BN, BO)
     num_stages: int = 3
-    max_programs: int = 132  # auto segments: one wave of the H200's 132 SMs ...
+    max_programs: int = 132  # num_segments=None: one wave of the H200's 132 SMs ...
     min_chunks: int = 256  # ... and at least this many chunks per segment
     # The output apart from the sequential pass: the pass stores each chunk's starting state
     # and v_new (in the operand dtype, as its products read them), and a kernel parallel over
     # chunks forms o = qd S + attn v_new. The walk over chunks then does two products per
     # chunk, not four, for a [B, HV, T / chunk, K, V] array written and read back. The same
     # products of the same operands as the fused pass (equal outputs in bf16; fp32 within
-    # rounding).
+    # rounding). +24% at B=1 T=8192 on an H100 (run BK): off.
     o_apart: bool = False
     o_block_v: int = 128  # V columns per program of the output kernel
 
 
-def _l2n(x):  # [C, K] fp32, rows normalised as reference.l2norm
-    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) + _L2_EPS)
+def _inv_norm(x):  # [C, K] -> [C] fp32: 1 / |row|, as reference.l2norm scales rows
+    xf = x.astype(jnp.float32)
+    return jax.lax.rsqrt(jnp.sum(xf * xf, axis=1) + _L2_EPS)
 
 
 def _tri(c: int, strict: bool):
@@ -84,6 +89,10 @@ def _dot_tn(a, b):  # a^T b
     return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def _dot_nt(a, b):  # a b^T
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
 def _prep_kernel(
     q_ref,
     k_ref,
@@ -99,42 +108,43 @@ def _prep_kernel(
     scale: float,
     l2norm: bool,
 ):
-    # q_ref, k_ref [C, K]  v_ref [C, V]  gam_ref, beta_ref [C] fp32
+    # q_ref, k_ref [C, K]  v_ref [C, V] in the operand dtype  gam_ref, beta_ref [C] fp32
     # -> w_ref, qd_ref, kd_ref [C, K], u_ref [C, V], attn_ref [C, C] (all in the operand dtype)
+    #
+    # The l2 norm, the query scale, beta and the decays all scale rows of q, k or v. The
+    # products take q, k, v as loaded and the row scales go onto the [C, C] results (or into
+    # M^-1's columns), so no fp32 [C, K] copy of q, k or v stays live in registers.
     c = k_ref.shape[0]
     cdt = u_ref.dtype  # operand dtype of the tensor-core products
-    q = q_ref[...].astype(jnp.float32)
-    k = k_ref[...].astype(jnp.float32)
-    if l2norm:
-        q, k = _l2n(q), _l2n(k)
-    q = q * scale
-    kc = k.astype(cdt)
+    q, k = q_ref[...], k_ref[...]
+    rq = _inv_norm(q) * scale if l2norm else jnp.full((c,), scale, jnp.float32)
+    rk = _inv_norm(k) if l2norm else jnp.ones((c,), jnp.float32)
     gam = gam_ref[...]
     beta = beta_ref[...]
     g_last = jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1, gam, 0.0))
     strict = _tri(c, strict=True)
     causal = _tri(c, strict=False)
-    eye = jnp.where(causal & ~strict, 1.0, 0.0)
-    kk = jax.lax.dot_general(kc, kc, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    lower = jnp.where(strict, beta[:, None] * kk * _decay_matrix(gam, strict), 0.0)  # L [C, C]
-    minv = eye - lower
+    decay = _decay_matrix(gam, causal)  # D_ij = exp(gamma_i - gamma_j), i >= j
+    kk = _dot_nt(k, k) * rk[:, None] * rk[None, :]
+    lower = jnp.where(strict, beta[:, None] * kk * decay, 0.0)  # L [C, C]
+    minv = jnp.where(causal & ~strict, 1.0, 0.0) - lower
     power = lower
     n = 2
     while n < c:  # M^-1 = (I - L) prod (I + L^(2^j)); L^C = 0
         power = _dot(power, power)
         minv = minv + _dot(minv, power)
         n *= 2
-    vb = v_ref[...].astype(jnp.float32) * beta[:, None]
-    kb = k * (beta * jnp.exp(gam))[:, None]
-    u_ref[...] = _dot(minv, vb).astype(cdt)
-    w_ref[...] = _dot(minv, kb).astype(cdt)
+    # u = M^-1 diag(beta) v,  w = M^-1 diag(beta e^gamma / |k|) k
+    u_ref[...] = _dot((minv * beta[None, :]).astype(cdt), v_ref[...]).astype(cdt)
+    w_scale = beta * jnp.exp(gam) * rk
+    w_ref[...] = _dot((minv * w_scale[None, :]).astype(cdt), k).astype(cdt)
     # Everything the sequential pass needs that does not depend on the state:
-    qk = jax.lax.dot_general(
-        q.astype(cdt), kc, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-    )
-    attn_ref[...] = (qk * _decay_matrix(gam, causal)).astype(cdt)  # tril(q k^T D)
-    qd_ref[...] = (q * jnp.exp(gam)[:, None]).astype(cdt)  # reads the chunk-start state
-    kd_ref[...] = (k * jnp.exp(g_last - gam)[:, None]).astype(cdt)  # writes the chunk-end state
+    attn = _dot_nt(q, k) * rq[:, None] * rk[None, :] * decay
+    attn_ref[...] = attn.astype(cdt)  # tril(q k^T D)
+    qd_scale = rq * jnp.exp(gam)  # reads the chunk-start state
+    qd_ref[...] = (q.astype(jnp.float32) * qd_scale[:, None]).astype(cdt)
+    kd_scale = rk * jnp.exp(g_last - gam)  # writes the chunk-end state
+    kd_ref[...] = (k.astype(jnp.float32) * kd_scale[:, None]).astype(cdt)
 
 
 def _state_kernel(
@@ -316,14 +326,22 @@ def _state_pass(prep, gam, h0, *, NS, blocks, write_o, o_dtype, interpret):
 def _num_segments(B, HV, V, N, blocks: ChunkBlocks) -> int:
     """Segments double the work of the state pass (pass 1 also carries P [K, K]) to gain
     parallelism, so split only while the programs fill less than one wave of SMs and each
-    segment keeps min_chunks_per_segment chunks. H200 (benchmarks/RESULTS.md): B=1 T=8192
-    (128 chunks) is fastest unsplit, B=1 T=32768 with 2 segments (1.53 vs 1.88 ms)."""
+    segment keeps min_chunks chunks (num_segments=None). Timed with every call on the same
+    inputs, 2 segments looked faster at B=1 T=32768 on the H200; timed with each call on its
+    own inputs on an H100 they are slower (benchmarks/RESULTS.md, run BN), hence one."""
     if blocks.num_segments is not None:
         return max(1, min(blocks.num_segments, N))
     ns, programs = 1, B * HV * (V // blocks.block_v)
     while programs * ns * 2 <= blocks.max_programs and N // (2 * ns) >= blocks.min_chunks:
         ns *= 2
     return ns
+
+
+def _auto_chunk(B, HV, V, block_v) -> int:
+    """64 while the state pass has fewer than 256 programs, else 32. A shorter chunk halves
+    the prep kernel's [C, C] work, which pays once the sequential pass has programs enough to
+    fill the GPU (H100, runs BN, BO: chunk 32 at B=4 T=8192 -19%, B=2 +1%, B=1 +12%)."""
+    return 64 if B * HV * (V // block_v) < 256 else 32
 
 
 def _check_blocks(K, V, blocks: ChunkBlocks):
@@ -372,6 +390,8 @@ def chunk_gated_delta_rule(
         raise ValueError(f"T must be >= 1, got q {tuple(q.shape)}")
     # block_v is capped at the largest power of 2 dividing K and V (small test heads)
     blocks = dataclasses.replace(blocks, block_v=min(blocks.block_v, K & -K, V & -V))
+    if blocks.chunk is None:
+        blocks = dataclasses.replace(blocks, chunk=_auto_chunk(B, HV, V, blocks.block_v))
     _check_blocks(K, V, blocks)
     scale = K**-0.5 if scale is None else float(scale)
     C = blocks.chunk

@@ -56,21 +56,24 @@ def _chunk(q, k, v, g, beta, s0, blocks):
 
 
 @pytest.mark.parametrize(
-    "T, R, with_state, dtype, segments",
+    "T, R, with_state, dtype, segments, chunk",
     [
-        (1, 1, False, jnp.float32, 1),
-        (63, 2, True, jnp.bfloat16, 1),
-        (64, 1, True, jnp.float32, 1),
-        (65, 2, False, jnp.float32, 1),
-        (200, 2, True, jnp.bfloat16, 1),
-        (200, 1, False, jnp.float32, 1),
-        (200, 2, True, jnp.float32, 2),  # segmented state pass (affine maps composed)
-        (256, 1, True, jnp.bfloat16, 4),
+        (1, 1, False, jnp.float32, 1, 64),
+        (63, 2, True, jnp.bfloat16, 1, 64),
+        (64, 1, True, jnp.float32, 1, 64),
+        (65, 2, False, jnp.float32, 1, 64),
+        (200, 2, True, jnp.bfloat16, 1, 64),
+        (200, 1, False, jnp.float32, 1, 64),
+        (200, 2, True, jnp.float32, 2, 64),  # segmented state pass (affine maps composed)
+        (256, 1, True, jnp.bfloat16, 4, 64),
+        (100, 2, True, jnp.bfloat16, 1, 32),  # the chunk picked for large batches
+        (65, 1, False, jnp.float32, 1, 32),
     ],
 )
-def test_chunk_matches_reference(T, R, with_state, dtype, segments):
+def test_chunk_matches_reference(T, R, with_state, dtype, segments, chunk):
     q, k, v, g, beta, s0 = gdn_inputs(2, T, 2, R, K, V, dtype, seed=T + R, with_state=with_state)
-    o, st = _chunk(q, k, v, g, beta, s0, ChunkBlocks(block_v=16, num_segments=segments))
+    blocks = ChunkBlocks(chunk=chunk, block_v=16, num_segments=segments)
+    o, st = _chunk(q, k, v, g, beta, s0, blocks)
     o_ref, st_ref = _ref(q, k, v, g, beta, s0)
     assert o.shape == v.shape and o.dtype == v.dtype
     assert st.shape == (2, 2 * R, K, V) and st.dtype == jnp.float32
