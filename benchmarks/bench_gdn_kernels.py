@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import statistics
 import sys
@@ -181,7 +182,7 @@ def timing_check(log, B=1, T=8192, reps=5, rounds=5):
     """One prefill case timed four ways, to tell what a timing method adds: the median wall
     time of single calls (with the dispatch), the marginal per-call time (`time_ours`) with
     every call on its own copy of the inputs and with all calls on the same inputs, and the
-    prep kernel alone (copies)."""
+    prep kernel alone (copies), with the whole chunk's inverse and with it by halves."""
     from pallas_kernels.gated_delta_rule import chunk as ck
 
     q, k, v, g, beta, s0 = to_jax(*make_inputs(B, T))
@@ -190,7 +191,7 @@ def timing_check(log, B=1, T=8192, reps=5, rounds=5):
         *a, initial_state=s, use_qk_l2norm=True, interpret=DRY
     )
 
-    def prep_only(a, s):
+    def prep_only(a, s, split_inverse=False):
         q, k, v, g, beta = a
         C = 64  # the chunk ChunkBlocks() picks at B=1
         gam = jnp.cumsum(g.transpose(0, 2, 1).reshape(B, HV, T // C, C), axis=-1)
@@ -202,7 +203,7 @@ def timing_check(log, B=1, T=8192, reps=5, rounds=5):
             beta.transpose(0, 2, 1),
             R=HV // H,
             scale=K**-0.5,
-            blocks=ChunkBlocks(chunk=C),
+            blocks=ChunkBlocks(chunk=C, split_inverse=split_inverse),
             l2norm=True,
             interpret=DRY,
         )
@@ -215,6 +216,8 @@ def timing_check(log, B=1, T=8192, reps=5, rounds=5):
     shared = marginal_us(fn, [args] * 2 * reps, s0, rounds)
     log(f"  marginal, all calls on the same inputs: {shared:.1f}")
     log(f"  prep kernel alone (own inputs): {marginal_us(prep_only, copies, s0, rounds):.1f}")
+    halves = functools.partial(prep_only, split_inverse=True)
+    log(f"  prep kernel alone, inverse by halves: {marginal_us(halves, copies, s0, rounds):.1f}")
 
 
 def time_fla(fn):
@@ -469,9 +472,10 @@ def prefill_sweep(log, configs=None, cases=None, reps=3, rounds=5):
         o_first = None
         for blocks in configs:
             b = blocks
-            label = f"C={b.chunk} bv={b.block_v} pw={b.prep_warps} sw={b.state_warps}"
+            label = f"C={b.chunk or 'auto'} bv={b.block_v} pw={b.prep_warps} sw={b.state_warps}"
             label += f" st={b.num_stages}"
             label += " o apart" if b.o_apart else ""
+            label += " split inverse" if b.split_inverse else ""
             label += f" ns={b.num_segments}" if b.num_segments else ""
             try:
                 fn = lambda a, s, blocks=blocks: chunk_gated_delta_rule(
@@ -517,7 +521,7 @@ def main():
         nargs="*",
         default=[],
         help="sweep configs chunk,block_v,state_warps,stages[,o_apart 0/1[,segments (0: auto)"
-        "[,prep_warps (0: default)]]]",
+        "[,prep_warps (0: default)[,split_inverse 0/1]]]]",
     )
     ap.add_argument("--cases", nargs="*", default=[], help="sweep cases BxTxH (HV = 2H)")
     ap.add_argument("--reps", type=int, default=3, help="sweep: calls per timed program")
@@ -525,7 +529,8 @@ def main():
     ap.add_argument(
         "--timing-check",
         action="store_true",
-        help="one prefill case timed with shared and with copied inputs, and its prep alone",
+        help="one prefill case timed with shared and with copied inputs, and its prep alone "
+        "(whole-chunk inverse and by halves)",
     )
     ap.add_argument("--log", default=None)
     args = ap.parse_args()
@@ -558,9 +563,10 @@ def main():
                 o_apart=bool(ap),
                 num_segments=ns or None,
                 prep_warps=pw or ChunkBlocks.prep_warps,
+                split_inverse=bool(si),
             )
-            for c, bv, sw, st, ap, ns, pw in (
-                [*map(int, x.split(",")), 0, 0, 0][:7] for x in args.configs
+            for c, bv, sw, st, ap, ns, pw, si in (
+                [*map(int, x.split(",")), 0, 0, 0, 0][:8] for x in args.configs
             )
         ]
         cases = [(b, t, (h, 2 * h)) for b, t, h in (map(int, x.split("x")) for x in args.cases)]
@@ -570,12 +576,10 @@ def main():
     R = dataclasses.replace
     if args.sweep:  # tuned on the first case of each kind, then reused
         pre = [
-            ChunkBlocks(num_segments=1),
+            ChunkBlocks(),
+            ChunkBlocks(split_inverse=True),
             ChunkBlocks(num_segments=2),
-            ChunkBlocks(num_segments=2, state_warps=8),
-            ChunkBlocks(num_segments=1, o_apart=True),
-            ChunkBlocks(num_segments=2, o_apart=True),
-            ChunkBlocks(num_segments=4, o_apart=True),
+            ChunkBlocks(o_apart=True),
         ]
         dec1 = [DecodeBlocks(block_v=32), DecodeBlocks(block_v=16, num_warps=2)]
         dec = [

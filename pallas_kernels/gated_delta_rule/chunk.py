@@ -5,7 +5,9 @@ Two kernels, as the chunked form in reference.py splits the work:
        M = I + strict_tril(beta_i k_i.k_j exp(gamma_i - gamma_j))   [C, C]
        u = M^-1 (beta v)        [C, V]      w = M^-1 (beta exp(gamma) k)   [C, K]
      M^-1 by repeated squaring: M = I + L with L strictly lower (nilpotent), so
-       M^-1 = (I - L)(I + L^2)(I + L^4)...(I + L^(C/2))   -- matmuls only, no row loop.
+       M^-1 = (I - L)(I + L^2)(I + L^4)...(I + L^(C/2))   -- matmuls only, no row loop;
+     or (ChunkBlocks.split_inverse) the two diagonal [C/2, C/2] blocks so, and the block
+     below them from those.
      It also writes everything else that does not depend on the state, so the sequential pass
      is four matmuls per chunk: qd = q e^gamma, kd = k e^(gamma_C - gamma), attn = tril(q k^T D).
   2. `_state_kernel`, parallel over (batch x segment, value head, V block), sequential over the
@@ -62,6 +64,10 @@ class ChunkBlocks:
     # rounding). +24% at B=1 T=8192 on an H100 (run BK): off.
     o_apart: bool = False
     o_block_v: int = 128  # V columns per program of the output kernel
+    # The prep kernel inverts M = I + L by halves of the chunk (`_wy_halves`): its squarings,
+    # most of its TF32 work, on [C/2, C/2] blocks (a quarter of the products, one round
+    # fewer). Not yet timed on a GPU: off.
+    split_inverse: bool = False
 
 
 def _inv_norm(x):  # [C, K] -> [C] fp32: 1 / |row|, as reference.l2norm scales rows
@@ -93,6 +99,29 @@ def _dot_nt(a, b):  # a b^T
     return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def _unit_lower_inverse(lower):
+    """(I + L)^-1 for L [n, n] strictly lower (nilpotent, L^n = 0) by repeated squaring:
+    (I - L)(I + L^2)(I + L^4)...(I + L^(n/2)), matmuls only."""
+    n = lower.shape[0]
+    minv = jnp.where(_tri(n, strict=False) & ~_tri(n, strict=True), 1.0, 0.0) - lower
+    power, m = lower, 2
+    while m < n:
+        power = _dot(power, power)
+        minv = minv + _dot(minv, power)
+        m *= 2
+    return minv
+
+
+def _lower_block(ka, kb, ra, rb, ga, gb, beta_a, mask):
+    """Block of L: beta_i (k_i . k_j) / (|k_i| |k_j|) exp(gamma_i - gamma_j) at rows a, columns b;
+    mask None: the whole block lies below the diagonal."""
+    kk = _dot_nt(ka, kb) * ra[:, None] * rb[None, :]
+    diff = ga[:, None] - gb[None, :]
+    if mask is None:
+        return beta_a[:, None] * kk * jnp.exp(diff)
+    return jnp.where(mask, beta_a[:, None] * kk * jnp.exp(jnp.where(mask, diff, 0.0)), 0.0)
+
+
 def _prep_kernel(
     q_ref,
     k_ref,
@@ -107,6 +136,7 @@ def _prep_kernel(
     *,
     scale: float,
     l2norm: bool,
+    split_inverse: bool,
 ):
     # q_ref, k_ref [C, K]  v_ref [C, V] in the operand dtype  gam_ref, beta_ref [C] fp32
     # -> w_ref, qd_ref, kd_ref [C, K], u_ref [C, V], attn_ref [C, C] (all in the operand dtype)
@@ -116,35 +146,60 @@ def _prep_kernel(
     # M^-1's columns), so no fp32 [C, K] copy of q, k or v stays live in registers.
     c = k_ref.shape[0]
     cdt = u_ref.dtype  # operand dtype of the tensor-core products
-    q, k = q_ref[...], k_ref[...]
-    rq = _inv_norm(q) * scale if l2norm else jnp.full((c,), scale, jnp.float32)
-    rk = _inv_norm(k) if l2norm else jnp.ones((c,), jnp.float32)
-    gam = gam_ref[...]
-    beta = beta_ref[...]
-    g_last = jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1, gam, 0.0))
-    strict = _tri(c, strict=True)
-    causal = _tri(c, strict=False)
-    decay = _decay_matrix(gam, causal)  # D_ij = exp(gamma_i - gamma_j), i >= j
-    kk = _dot_nt(k, k) * rk[:, None] * rk[None, :]
-    lower = jnp.where(strict, beta[:, None] * kk * decay, 0.0)  # L [C, C]
-    minv = jnp.where(causal & ~strict, 1.0, 0.0) - lower
-    power = lower
-    n = 2
-    while n < c:  # M^-1 = (I - L) prod (I + L^(2^j)); L^C = 0
-        power = _dot(power, power)
-        minv = minv + _dot(minv, power)
-        n *= 2
-    # u = M^-1 diag(beta) v,  w = M^-1 diag(beta e^gamma / |k|) k
-    u_ref[...] = _dot((minv * beta[None, :]).astype(cdt), v_ref[...]).astype(cdt)
-    w_scale = beta * jnp.exp(gam) * rk
-    w_ref[...] = _dot((minv * w_scale[None, :]).astype(cdt), k).astype(cdt)
+    inv_norm = _inv_norm if l2norm else lambda x: jnp.ones((x.shape[0],), jnp.float32)
+    if split_inverse:
+        _wy_halves(k_ref, v_ref, gam_ref, beta_ref, w_ref, u_ref, inv_norm)
+    else:
+        _wy_whole(k_ref, v_ref, gam_ref, beta_ref, w_ref, u_ref, inv_norm)
     # Everything the sequential pass needs that does not depend on the state:
-    attn = _dot_nt(q, k) * rq[:, None] * rk[None, :] * decay
+    q, k = q_ref[...], k_ref[...]
+    rq, rk = inv_norm(q) * scale, inv_norm(k)
+    gam = gam_ref[...]
+    g_last = jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1, gam, 0.0))
+    attn = _dot_nt(q, k) * rq[:, None] * rk[None, :] * _decay_matrix(gam, _tri(c, strict=False))
     attn_ref[...] = attn.astype(cdt)  # tril(q k^T D)
     qd_scale = rq * jnp.exp(gam)  # reads the chunk-start state
     qd_ref[...] = (q.astype(jnp.float32) * qd_scale[:, None]).astype(cdt)
     kd_scale = rk * jnp.exp(g_last - gam)  # writes the chunk-end state
     kd_ref[...] = (k.astype(jnp.float32) * kd_scale[:, None]).astype(cdt)
+
+
+def _wy_whole(k_ref, v_ref, gam_ref, beta_ref, w_ref, u_ref, inv_norm):
+    """u = M^-1 diag(beta) v,  w = M^-1 diag(beta e^gamma / |k|) k, M^-1 of the whole chunk."""
+    cdt = u_ref.dtype
+    k, gam, beta = k_ref[...], gam_ref[...], beta_ref[...]
+    rk = inv_norm(k)
+    minv = _unit_lower_inverse(_lower_block(k, k, rk, rk, gam, gam, beta, _tri(k.shape[0], True)))
+    u_ref[...] = _dot((minv * beta[None, :]).astype(cdt), v_ref[...]).astype(cdt)
+    w_scale = beta * jnp.exp(gam) * rk
+    w_ref[...] = _dot((minv * w_scale[None, :]).astype(cdt), k).astype(cdt)
+
+
+def _wy_halves(k_ref, v_ref, gam_ref, beta_ref, w_ref, u_ref, inv_norm):
+    """The same u and w with M = [[I + L11, 0], [L21, I + L22]] inverted by halves:
+    M^-1 = [[A, 0], [X, D]], A = (I + L11)^-1, D = (I + L22)^-1, X = -D L21 A. The squarings
+    run on [C/2, C/2] blocks: a quarter of the whole chunk's products, one round fewer."""
+    cdt = u_ref.dtype
+    h = k_ref.shape[0] // 2
+    top, bot = pl.ds(0, h), pl.ds(h, h)
+    k1, k2 = k_ref[top, :], k_ref[bot, :]
+    r1, r2 = inv_norm(k1), inv_norm(k2)
+    g1, g2 = gam_ref[top], gam_ref[bot]
+    b1, b2 = beta_ref[top], beta_ref[bot]
+    strict = _tri(h, strict=True)
+    a = _unit_lower_inverse(_lower_block(k1, k1, r1, r1, g1, g1, b1, strict))
+    d = _unit_lower_inverse(_lower_block(k2, k2, r2, r2, g2, g2, b2, strict))
+    x = -_dot(_dot(d, _lower_block(k2, k1, r2, r1, g2, g1, b2, None)), a)
+
+    def rows(cols1, cols2, y1, y2):  # [cols1 | cols2] of M^-1 with column scales, times y
+        top_rows = _dot((a * cols1[None, :]).astype(cdt), y1)
+        bot_rows = _dot((x * cols1[None, :]).astype(cdt), y1) + _dot(
+            (d * cols2[None, :]).astype(cdt), y2
+        )
+        return top_rows.astype(cdt), bot_rows.astype(cdt)
+
+    u_ref[top, :], u_ref[bot, :] = rows(b1, b2, v_ref[top, :], v_ref[bot, :])
+    w_ref[top, :], w_ref[bot, :] = rows(b1 * jnp.exp(g1) * r1, b2 * jnp.exp(g2) * r2, k1, k2)
 
 
 def _state_kernel(
@@ -233,7 +288,9 @@ def _prep(q, k, v, gam, beta, *, R, scale, blocks, l2norm, interpret):
     B, Tp, _, K = k.shape
     HV, V = v.shape[2], v.shape[3]
     C = blocks.chunk
-    kernel = functools.partial(_prep_kernel, scale=scale, l2norm=l2norm)
+    kernel = functools.partial(
+        _prep_kernel, scale=scale, l2norm=l2norm, split_inverse=blocks.split_inverse
+    )
     per_head = lambda d: pl.BlockSpec((None, None, C, d), lambda b, h, n: (b, h, n, 0))
     shape = lambda d: jax.ShapeDtypeStruct((B, HV, Tp, d), v.dtype)
     return pl.pallas_call(

@@ -81,6 +81,22 @@ def test_chunk_matches_reference(T, R, with_state, dtype, segments, chunk):
     assert rel_err(st, st_ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype, chunk", [(jnp.bfloat16, 64), (jnp.float32, 64), (jnp.float32, 16)])
+def test_chunk_split_inverse_matches_reference(dtype, chunk):
+    """The prep kernel's inverse by halves of the chunk (ChunkBlocks.split_inverse) gives the
+    reference's output, and the whole-chunk inverse's within the dtype's rounding."""
+    q, k, v, g, beta, s0 = gdn_inputs(1, 150, 2, 2, K, V, dtype, seed=13)
+
+    def prefill(split):
+        blocks = ChunkBlocks(chunk=chunk, block_v=16, split_inverse=split)
+        return _chunk(q, k, v, g, beta, s0, blocks)
+
+    (o, st), (o_whole, st_whole) = prefill(True), prefill(False)
+    o_ref, st_ref = _ref(q, k, v, g, beta, s0)
+    assert rel_err(o, o_ref) < TOL[dtype] and rel_err(st, st_ref) < TOL[dtype]
+    assert rel_err(o, o_whole) < TOL[dtype] and rel_err(st, st_whole) < TOL[dtype]
+
+
 @pytest.mark.parametrize("dtype, segments", [(jnp.bfloat16, 1), (jnp.float32, 2)])
 def test_chunk_output_apart_equals_fused(dtype, segments):
     """The output formed by its own kernel from the stored chunk states and v_new
