@@ -397,7 +397,7 @@ def _num_segments(B, HV, V, N, blocks: ChunkBlocks) -> int:
 def _auto_chunk(B, HV, V, block_v) -> int:
     """64 while the state pass has fewer than 256 programs, else 32. A shorter chunk halves
     the prep kernel's [C, C] work, which pays once the sequential pass has programs enough to
-    fill the GPU (H100, runs BN, BO: chunk 32 at B=4 T=8192 -19%, B=2 +1%, B=1 +12%)."""
+    fill the GPU (H100, runs BN, BO: chunk 32 at B=4 T=8192 -19%, B=2 +1%, B=1 +13%)."""
     return 64 if B * HV * (V // block_v) < 256 else 32
 
 
@@ -407,6 +407,8 @@ def _check_blocks(K, V, blocks: ChunkBlocks):
         raise ValueError(f"chunk must be a power of 2 >= 16, got {C}")
     if V % BV or K % BV or BV & (BV - 1):
         raise ValueError(f"block_v={BV} must be a power of 2 dividing V={V} and K={K}")
+    if blocks.split_inverse and C < 32:
+        raise ValueError(f"split_inverse needs chunk >= 32 (halves >= 16 rows), got chunk {C}")
     if K & (K - 1) or V & (V - 1) or K < 16:
         raise ValueError(f"K={K} and V={V} must be powers of 2 >= 16 for the Triton kernels")
 

@@ -81,7 +81,7 @@ def test_chunk_matches_reference(T, R, with_state, dtype, segments, chunk):
     assert rel_err(st, st_ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype, chunk", [(jnp.bfloat16, 64), (jnp.float32, 64), (jnp.float32, 16)])
+@pytest.mark.parametrize("dtype, chunk", [(jnp.bfloat16, 64), (jnp.float32, 64), (jnp.float32, 32)])
 def test_chunk_split_inverse_matches_reference(dtype, chunk):
     """The prep kernel's inverse by halves of the chunk (ChunkBlocks.split_inverse) gives the
     reference's output, and the whole-chunk inverse's within the dtype's rounding."""
@@ -95,6 +95,8 @@ def test_chunk_split_inverse_matches_reference(dtype, chunk):
     o_ref, st_ref = _ref(q, k, v, g, beta, s0)
     assert rel_err(o, o_ref) < TOL[dtype] and rel_err(st, st_ref) < TOL[dtype]
     assert rel_err(o, o_whole) < TOL[dtype] and rel_err(st, st_whole) < TOL[dtype]
+    with pytest.raises(ValueError, match="split_inverse needs chunk >= 32"):
+        _chunk(q, k, v, g, beta, s0, ChunkBlocks(chunk=16, block_v=16, split_inverse=True))
 
 
 @pytest.mark.parametrize("dtype, segments", [(jnp.bfloat16, 1), (jnp.float32, 2)])
