@@ -427,15 +427,12 @@ def prefill_sweep(log, configs=None, cases=None, reps=3, rounds=5):
     ]
     configs = configs or [
         ChunkBlocks(),
-        ChunkBlocks(block_v=32),
-        ChunkBlocks(block_v=32, num_stages=3),
-        ChunkBlocks(block_v=32, state_warps=2),
-        ChunkBlocks(block_v=16),
-        ChunkBlocks(block_v=16, state_warps=2),
-        ChunkBlocks(num_stages=3),
+        ChunkBlocks(split_inverse=True),
+        ChunkBlocks(block_v=128, state_warps=8),
+        ChunkBlocks(block_v=128, state_warps=8, split_inverse=True),
+        ChunkBlocks(chunk=64),
         ChunkBlocks(chunk=32),
-        ChunkBlocks(chunk=32, block_v=32),
-        ChunkBlocks(chunk=32, block_v=16, state_warps=2),
+        ChunkBlocks(chunk=32, split_inverse=True),
     ]
     if DRY:
         cases = [(1, 256, (H, HV)), (1, 256, (H // 2, HV // 2))]
