@@ -193,7 +193,7 @@ def timing_check(log, B=1, T=8192, reps=5, rounds=5):
 
     def prep_only(a, s, split_inverse=False):
         q, k, v, g, beta = a
-        C = 64  # the chunk ChunkBlocks() picks for B=1 at 32 value heads
+        C = ck._auto_chunk(B, HV, V, ChunkBlocks.block_v)  # as ChunkBlocks() picks
         gam = jnp.cumsum(g.transpose(0, 2, 1).reshape(B, HV, T // C, C), axis=-1)
         out = ck._prep(
             q,

@@ -81,10 +81,13 @@ def _tri(c: int, strict: bool):
     return i > j if strict else i >= j
 
 
-def _decay_matrix(gam, mask):
-    """D_ij = exp(gamma_i - gamma_j) where mask (lower triangle), else 0; masked before exp."""
-    diff = jnp.where(mask, gam[:, None] - gam[None, :], 0.0)
-    return jnp.where(mask, jnp.exp(diff), 0.0)
+def _decay_matrix(g_rows, g_cols, mask=None):
+    """D_ij = exp(gamma_i - gamma_j) where mask (lower triangle), else 0; masked before exp.
+    mask None: the block lies wholly below the diagonal (gamma_i <= gamma_j, no overflow)."""
+    diff = g_rows[:, None] - g_cols[None, :]
+    if mask is None:
+        return jnp.exp(diff)
+    return jnp.where(mask, jnp.exp(jnp.where(mask, diff, 0.0)), 0.0)
 
 
 def _dot(a, b):  # fp32 accumulate; fp32 operands run as TF32 on the GPU
@@ -112,14 +115,11 @@ def _unit_lower_inverse(lower):
     return minv
 
 
-def _lower_block(ka, kb, ra, rb, ga, gb, beta_a, mask):
-    """Block of L: beta_i (k_i . k_j) / (|k_i| |k_j|) exp(gamma_i - gamma_j) at rows a, columns b;
-    mask None: the whole block lies below the diagonal."""
+def _lower_block(ka, kb, ra, rb, ga, gb, beta_a, mask=None):
+    """Block of L: beta_i (k_i . k_j) / (|k_i| |k_j|) exp(gamma_i - gamma_j) at rows a, columns b
+    (mask as `_decay_matrix`'s)."""
     kk = _dot_nt(ka, kb) * ra[:, None] * rb[None, :]
-    diff = ga[:, None] - gb[None, :]
-    if mask is None:
-        return beta_a[:, None] * kk * jnp.exp(diff)
-    return jnp.where(mask, beta_a[:, None] * kk * jnp.exp(jnp.where(mask, diff, 0.0)), 0.0)
+    return beta_a[:, None] * kk * _decay_matrix(ga, gb, mask)
 
 
 def _prep_kernel(
@@ -147,16 +147,16 @@ def _prep_kernel(
     c = k_ref.shape[0]
     cdt = u_ref.dtype  # operand dtype of the tensor-core products
     inv_norm = _inv_norm if l2norm else lambda x: jnp.ones((x.shape[0],), jnp.float32)
-    if split_inverse:
-        _wy_halves(k_ref, v_ref, gam_ref, beta_ref, w_ref, u_ref, inv_norm)
-    else:
-        _wy_whole(k_ref, v_ref, gam_ref, beta_ref, w_ref, u_ref, inv_norm)
-    # Everything the sequential pass needs that does not depend on the state:
     q, k = q_ref[...], k_ref[...]
     rq, rk = inv_norm(q) * scale, inv_norm(k)
     gam = gam_ref[...]
+    if split_inverse:
+        _wy_halves(k_ref, v_ref, gam_ref, beta_ref, w_ref, u_ref, inv_norm)
+    else:
+        _wy_whole(k, rk, gam, beta_ref[...], v_ref, w_ref, u_ref)
+    # Everything the sequential pass needs that does not depend on the state:
     g_last = jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1, gam, 0.0))
-    attn = _dot_nt(q, k) * rq[:, None] * rk[None, :] * _decay_matrix(gam, _tri(c, strict=False))
+    attn = _dot_nt(q, k) * rq[:, None] * rk[None, :] * _decay_matrix(gam, gam, _tri(c, False))
     attn_ref[...] = attn.astype(cdt)  # tril(q k^T D)
     qd_scale = rq * jnp.exp(gam)  # reads the chunk-start state
     qd_ref[...] = (q.astype(jnp.float32) * qd_scale[:, None]).astype(cdt)
@@ -164,11 +164,9 @@ def _prep_kernel(
     kd_ref[...] = (k.astype(jnp.float32) * kd_scale[:, None]).astype(cdt)
 
 
-def _wy_whole(k_ref, v_ref, gam_ref, beta_ref, w_ref, u_ref, inv_norm):
+def _wy_whole(k, rk, gam, beta, v_ref, w_ref, u_ref):
     """u = M^-1 diag(beta) v,  w = M^-1 diag(beta e^gamma / |k|) k, M^-1 of the whole chunk."""
     cdt = u_ref.dtype
-    k, gam, beta = k_ref[...], gam_ref[...], beta_ref[...]
-    rk = inv_norm(k)
     minv = _unit_lower_inverse(_lower_block(k, k, rk, rk, gam, gam, beta, _tri(k.shape[0], True)))
     u_ref[...] = _dot((minv * beta[None, :]).astype(cdt), v_ref[...]).astype(cdt)
     w_scale = beta * jnp.exp(gam) * rk
@@ -189,7 +187,7 @@ def _wy_halves(k_ref, v_ref, gam_ref, beta_ref, w_ref, u_ref, inv_norm):
     strict = _tri(h, strict=True)
     a = _unit_lower_inverse(_lower_block(k1, k1, r1, r1, g1, g1, b1, strict))
     d = _unit_lower_inverse(_lower_block(k2, k2, r2, r2, g2, g2, b2, strict))
-    x = -_dot(_dot(d, _lower_block(k2, k1, r2, r1, g2, g1, b2, None)), a)
+    x = -_dot(_dot(d, _lower_block(k2, k1, r2, r1, g2, g1, b2)), a)
 
     def rows(cols1, cols2, y1, y2):  # [cols1 | cols2] of M^-1 with column scales, times y
         top_rows = _dot((a * cols1[None, :]).astype(cdt), y1)
